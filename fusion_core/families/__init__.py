@@ -1,0 +1,57 @@
+"""Family descriptions and the lookup from a checkpoint's config to its family."""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import UnsupportedArchitectureError
+from .base import Family, Layer, Merge, Node, Param, Tap
+from .bert import BERT
+from .vit import VIT
+
+FAMILIES: tuple[Family, ...] = (BERT, VIT)
+
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "Layer",
+    "Merge",
+    "Node",
+    "Param",
+    "Tap",
+    "canonical_name",
+    "resolve_family",
+]
+
+
+def resolve_family(config: dict, where: str = "") -> tuple[Family, str]:
+    """Family and architecture class name of a checkpoint config."""
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            arch = architectures[0] if architectures else next(iter(family.architectures))
+            if arch not in family.architectures:
+                supported = ", ".join(family.architectures)
+                raise UnsupportedArchitectureError(
+                    f"{where}architecture {arch!r} is not supported (supported: {supported})"
+                )
+            return family, arch
+    known = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise UnsupportedArchitectureError(
+        f"{where}model_type {model_type!r} is not supported (supported: {known})"
+    )
+
+
+def canonical_name(family: Family, key: str) -> str:
+    """Map a serialized key to the description's name: strip the backbone prefix, undo
+    renames of other library versions, and legacy LayerNorm gamma/beta."""
+    if key.startswith(family.base_prefix):
+        key = key[len(family.base_prefix) :]
+    for pattern, replacement in family.renames:
+        key = re.sub(pattern, replacement, key)
+    if key.endswith(".gamma"):
+        key = key[: -len(".gamma")] + ".weight"
+    elif key.endswith(".beta"):
+        key = key[: -len(".beta")] + ".bias"
+    return key

@@ -1,0 +1,46 @@
+"""Transport maps: turning an OT plan into the matrices that move tensors between models.
+
+A plan P (n_model, n_anchor) has row sums 1/n_model and column sums 1/n_anchor.
+- Aligning a layer's *outputs* (values that live on neurons), each anchor neuron receives
+  one unit of mass: the plan normalized by columns (a weighted average of model neurons).
+- Mapping a layer's *inputs* (weights that consume neurons), each model neuron is fully
+  reconstructed from anchor neurons: the plan normalized by rows.
+For equal widths both are the same matrix (n * P); for a permutation, the permutation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def out_map(plan: torch.Tensor) -> torch.Tensor:
+    return plan / plan.sum(dim=0, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)
+
+
+def in_map(plan: torch.Tensor) -> torch.Tensor:
+    return plan / plan.sum(dim=1, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)
+
+
+def apply_on_axis(tensor: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
+    """Contract `axis` (size n_model) of `tensor` with `matrix` (n_model, n_anchor)."""
+    moved = tensor.movedim(axis, -1)
+    return (moved @ matrix.to(moved.dtype)).movedim(-1, axis)
+
+
+def identity_plan(n: int, device: torch.device | str, dtype=torch.float32) -> torch.Tensor:
+    return torch.eye(n, device=device, dtype=dtype) / n
+
+
+def merge_plans(
+    residual: torch.Tensor, branch: torch.Tensor, beta: torch.Tensor | float
+) -> torch.Tensor:
+    """Eq. 1: the residual's TM weighted by beta (per anchor neuron or scalar), the branch's
+    by 1 - beta. A convex combination of plans keeps both marginals."""
+    return residual * beta + branch * (1 - beta)
+
+
+def permutation_distance(plan: torch.Tensor) -> float:
+    """0 for a (scaled) permutation, up to ~1 for the uniform plan: 1 - mean over anchor
+    neurons of the largest share of its column mass. A diagnostic of hardness."""
+    column = out_map(plan)
+    return float(1 - column.max(dim=0).values.mean())

@@ -1,0 +1,25 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import transformers
+
+transformers.utils.logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def digits_parents(tmp_path_factory):
+    """Two small ViTs trained on digits from different seeds (trained once per session)."""
+    from otfuse.digits import load_digits_splits, save_model, save_split, train_vit
+
+    root = tmp_path_factory.mktemp("digits")
+    splits = load_digits_splits()
+    parents = [save_model(train_vit(seed, splits, epochs=25), root / f"p{seed}") for seed in (0, 1)]
+    return {
+        "parents": parents,
+        "test": save_split(splits.test, root / "test.safetensors"),
+        "calib": save_split(splits.calib, root / "calib.safetensors"),
+        "root": root,
+    }
