@@ -1,0 +1,97 @@
+"""The FastAPI app factory. Adapters (job store, queue, storage) come from settings unless
+given, so tests and the embedded mode can pass their own."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from . import problems
+from .metrics import LatencyMiddleware, Metrics
+from .routers import fusions, health
+from .settings import Settings
+from .storage import Storage
+from .store import make_store
+
+DESCRIPTION = """Fuse independently trained transformers with Optimal Transport.
+
+Submit a job with `POST /fusions`, poll `GET /fusions/{id}` (honour `Retry-After`; send the
+`ETag` back in `If-None-Match` for cheap polls), then read the fused Hugging Face checkpoint
+and `metrics.json` under the job's `output` prefix. Errors are RFC 9457 problem details.
+Authenticate with `Authorization: Bearer <API key>`."""
+
+
+def _warm_up() -> None:
+    import fusion_core  # noqa: F401  (first submit validates with it; import it early)
+
+
+def make_queue(settings, store, storage):
+    if settings.mode == "distributed":
+        from .queue import CeleryQueue
+
+        return CeleryQueue(settings)
+    from worker.embedded import EmbeddedQueue  # the same pipeline, in a thread
+
+    return EmbeddedQueue(settings, store, storage)
+
+
+def create_app(settings: Settings | None = None, *, store=None, storage=None, queue=None):
+    settings = settings or Settings()
+    store = store or make_store(settings)
+    storage = storage or Storage(settings)
+    queue = queue or make_queue(settings, store, storage)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=_warm_up, daemon=True).start()
+        queue.start()
+        try:
+            yield
+        finally:
+            queue.stop()
+            await store.aclose()
+
+    app = FastAPI(
+        title="otfuse",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.settings, app.state.store, app.state.storage, app.state.queue = (
+        settings,
+        store,
+        storage,
+        queue,
+    )
+    app.state.metrics = Metrics(store)
+    problems.install(app)
+    app.include_router(fusions.router)
+    app.include_router(health.router)
+    app.add_middleware(LatencyMiddleware, metrics=app.state.metrics)
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, with error bodies declared as application/problem+json."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    problem_ref = {"$ref": "#/components/schemas/Problem"}
+    for operation in (op for path in schema["paths"].values() for op in path.values()):
+        for code, response in operation.get("responses", {}).items():
+            if code.startswith(("4", "5")):
+                response["content"] = {problems.PROBLEM: {"schema": problem_ref}}
+    components = schema.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    app.openapi_schema = schema
+    return schema

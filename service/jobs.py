@@ -1,0 +1,105 @@
+"""Job operations behind the routes: submit, cancel, delete. Plain functions over the store,
+the queue and storage, so route functions stay thin."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .models import DONE, JobSpec
+from .problems import ProblemError
+from .store import IdempotencyConflict, JobStore, new_job_id, now_iso
+from .validation import check_spec, default_output
+
+
+def fingerprint(spec: JobSpec) -> str:
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def submit(
+    spec: JobSpec, tenant: str, settings, store: JobStore, queue, idempotency_key: str | None
+) -> tuple[dict, bool]:
+    """Validate, record, enqueue. Returns (job, created)."""
+    original = fingerprint(spec)  # of the body as sent, before normalization
+    spec = check_spec(spec, settings)
+    job_id = new_job_id()
+    output = spec.output or default_output(settings, tenant, job_id)
+    now = now_iso()
+    job = {
+        "id": job_id,
+        "tenant": tenant,
+        "status": "queued",
+        "stage": None,
+        "progress": 0.0,
+        "detail": "waiting for a worker",
+        "name": spec.name,
+        "labels": spec.labels,
+        "spec": spec.model_dump(mode="json"),
+        "output": output,
+        "created_at": now,
+        "updated_at": now,
+        "started_at": None,
+        "finished_at": None,
+        "attempts": 0,
+        "cancel_requested": False,
+        "error": None,
+        "result": None,
+    }
+    try:
+        job, created = store.create(job, (idempotency_key, original) if idempotency_key else None)
+    except IdempotencyConflict:
+        raise ProblemError(
+            422,
+            "Idempotency-Key was already used with a different body",
+            kind="idempotency-key-reused",
+            errors=[{"field": "Idempotency-Key", "message": "already used with another body"}],
+        ) from None
+    if created:
+        try:
+            queue.enqueue(job_id)
+        except Exception as exc:
+            error = ("queue_error", f"could not enqueue: {exc}")
+            store.update(job_id, lambda j: finish(j, "failed", error=error))
+            raise ProblemError(503, f"the job queue is unavailable: {exc}") from exc
+    return job, created
+
+
+def finish(job: dict, status: str, error: tuple[str, str] | None = None, detail: str = "") -> dict:
+    job["status"] = status
+    job["finished_at"] = now_iso()
+    job["detail"] = detail or status
+    if error:
+        job["error"] = {"type": error[0], "message": error[1]}
+    return job
+
+
+def cancel(job_id: str, store: JobStore) -> dict | None:
+    """Queued: cancelled now (it never runs). Running: flagged; the worker stops at the next
+    layer or stage boundary. Raises 409 when it already ended."""
+    ended = []
+
+    def change(job):
+        if job["status"] in DONE:
+            ended.append(job["status"])
+            return None
+        if job["status"] == "queued":
+            return finish(job, "cancelled", detail="cancelled before it ran")
+        job["cancel_requested"] = True
+        job["detail"] = "cancelling at the next layer or stage boundary"
+        return job
+
+    job = store.update(job_id, change)
+    if ended:
+        raise ProblemError(409, f"job {job_id} already ended ({ended[0]})", kind="job-ended")
+    return job
+
+
+def delete(job: dict, store: JobStore, storage, artifacts: bool) -> None:
+    if job["status"] not in DONE:
+        raise ProblemError(
+            409, f"job {job['id']} is {job['status']}; cancel it first", kind="job-not-ended"
+        )
+    if artifacts and job["status"] == "succeeded":
+        storage.backend(job["output"]).delete_prefix(job["output"])
+    store.delete(job["id"])

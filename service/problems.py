@@ -1,0 +1,108 @@
+"""RFC 9457 problem details (`application/problem+json`) for every error the API returns."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM = "application/problem+json"
+TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    422: "Invalid request",
+    500: "Internal error",
+    503: "Service unavailable",
+}
+
+
+class ProblemError(Exception):
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        kind: str | None = None,
+        errors: list[dict] | None = None,
+        headers: dict | None = None,
+    ):
+        super().__init__(detail)
+        self.status, self.detail, self.kind = status, detail, kind
+        self.errors, self.headers = errors, headers
+
+
+class SpecError(ProblemError):
+    """A job spec field is invalid; `field` is its dotted JSON path."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(
+            422,
+            f"{field}: {message}",
+            kind="invalid-job-spec",
+            errors=[{"field": field, "message": message}],
+        )
+        self.field = field
+
+
+def problem(
+    status: int,
+    detail: str | None,
+    instance: str | None = None,
+    kind: str | None = None,
+    errors: list[dict] | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
+    body = {
+        "type": f"urn:otfuse:problem:{kind}" if kind else "about:blank",
+        "title": TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+    }
+    if errors:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def _field(loc) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "header", "path")]
+    return ".".join(parts) or "body"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ProblemError)
+    async def _problem(request: Request, exc: ProblemError):
+        return problem(exc.status, exc.detail, request.url.path, exc.kind, exc.errors, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = []
+        for err in exc.errors():
+            loc = list(err.get("loc", ()))
+            if err.get("type") == "extra_forbidden":
+                message = "unknown field"
+            elif err.get("type") == "json_invalid":
+                message = f"invalid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
+            else:
+                message = err.get("msg", "invalid")
+            errors.append({"field": _field(loc), "message": message})
+        first = errors[0] if errors else {"field": "body", "message": "invalid"}
+        kind = "invalid-job-spec" if request.method == "POST" else "invalid-request"
+        return problem(422, f"{first['field']}: {first['message']}", request.url.path, kind, errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return problem(
+            exc.status_code,
+            exc.detail if isinstance(exc.detail, str) else None,
+            request.url.path,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        return problem(500, "internal error; see the server log", request.url.path)

@@ -1,0 +1,255 @@
+"""/fusions: submit, poll, list, cancel, delete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from .. import jobs
+from ..auth import tenant
+from ..models import DONE, Job, JobList, JobSpec, Problem, Status
+from ..problems import ProblemError
+from ..store import decode_token, encode_token
+
+router = APIRouter(prefix="/fusions", tags=["fusions"])
+_ID = re.compile(r"^[0-9a-f]{24}$")
+
+
+def _problem_responses(*codes: int) -> dict:
+    """Error responses: RFC 9457 bodies (moved to application/problem+json in app.py)."""
+    return {c: {"model": Problem} for c in codes}
+
+
+def _example_job(**overrides) -> dict:
+    job = {
+        "id": "0193a1f2c3d4a1b2c3d4e5f6",
+        "tenant": "team-a",
+        "status": "running",
+        "stage": "aligning",
+        "progress": 0.42,
+        "detail": "aligning layer 5/12",
+        "name": "digits-vit",
+        "labels": {"team": "vision"},
+        "spec": {
+            "models": ["s3://models/vit-seed0/", "s3://models/vit-seed1/"],
+            "anchor": 0,
+            "method": "ot",
+            "policy": {
+                "alignment": "weights",
+                "solver": "sinkhorn",
+                "residual": "average",
+                "filter": "all",
+                "qk": "tied",
+                "samples": 200,
+                "device": "auto",
+            },
+            "regularizer": 0.05,
+            "weights": None,
+            "data": {
+                "activations": None,
+                "eval": "s3://models/digits/test.safetensors",
+                "finetune": None,
+            },
+            "finetune": None,
+            "output": None,
+            "name": "digits-vit",
+            "labels": {"team": "vision"},
+        },
+        "output": "s3://otfuse/fusions/team-a/0193a1f2c3d4a1b2c3d4e5f6/",
+        "created_at": "2026-11-26T19:00:00.000Z",
+        "updated_at": "2026-11-26T19:00:03.125Z",
+        "started_at": "2026-11-26T19:00:00.180Z",
+        "finished_at": None,
+        "attempts": 1,
+        "cancel_requested": False,
+        "error": None,
+        "result": None,
+    }
+    job.update(overrides)
+    return job
+
+
+SUCCEEDED = _example_job(
+    status="succeeded",
+    stage=None,
+    progress=1.0,
+    detail="succeeded",
+    finished_at="2026-11-26T19:00:09.870Z",
+    result={
+        "checkpoint": "s3://otfuse/fusions/team-a/0193a1f2c3d4a1b2c3d4e5f6/",
+        "metrics_uri": "s3://otfuse/fusions/team-a/0193a1f2c3d4a1b2c3d4e5f6/metrics.json",
+        "metrics": {
+            "fused": {"accuracy": 0.93, "loss": 0.25, "examples": 360},
+            "parents": [
+                {"model": "s3://models/vit-seed0/", "accuracy": 0.97, "loss": 0.1, "examples": 360},
+                {"model": "s3://models/vit-seed1/", "accuracy": 0.9, "loss": 0.2, "examples": 360},
+            ],
+        },
+        "urls": None,
+    },
+)
+
+QUEUED = _example_job(
+    status="queued",
+    stage=None,
+    progress=0.0,
+    detail="waiting for a worker",
+    started_at=None,
+    attempts=0,
+)
+
+
+def _job_response(raw: bytes, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(raw, status_code=status, media_type="application/json", headers=headers)
+
+
+async def _owned(request: Request, job_id: str, who: str) -> tuple[bytes, dict]:
+    raw = await request.app.state.store.aget_raw(job_id) if _ID.match(job_id) else None
+    job = json.loads(raw) if raw is not None else None
+    if job is None or job["tenant"] != who:
+        raise ProblemError(404, f"no job {job_id}", kind="job-not-found")
+    return raw, job
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Submit a fusion job",
+    response_model=Job,
+    responses={
+        202: {
+            "description": "accepted; poll the Location",
+            "headers": {"Location": {"schema": {"type": "string"}, "description": "/fusions/{id}"}},
+            "content": {"application/json": {"example": QUEUED}},
+        },
+        **_problem_responses(401, 422, 503),
+    },
+)
+async def submit(
+    request: Request,
+    spec: JobSpec,
+    who: Annotated[str, Depends(tenant)],
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=255,
+            description="retries with the same key and body return the original job",
+        ),
+    ] = None,
+):
+    state = request.app.state
+    job, _ = await run_in_threadpool(
+        jobs.submit, spec, who, state.settings, state.store, state.queue, idempotency_key
+    )
+    return JSONResponse(job, status_code=202, headers={"Location": f"/fusions/{job['id']}"})
+
+
+@router.get(
+    "",
+    summary="The caller's jobs, newest first",
+    response_model=JobList,
+    responses=_problem_responses(401, 422),
+)
+async def list_jobs(
+    request: Request,
+    who: Annotated[str, Depends(tenant)],
+    status: Annotated[Status | None, Query(description="only jobs with this status")] = None,
+    page_size: Annotated[int, Query(ge=1, le=100)] = 20,
+    page_token: Annotated[
+        str | None, Query(max_length=200, description="next_page_token of the previous page")
+    ] = None,
+):
+    try:
+        after = decode_token(page_token) if page_token else None
+    except ValueError as exc:
+        raise ProblemError(
+            422,
+            f"page_token: {exc}",
+            kind="invalid-request",
+            errors=[{"field": "page_token", "message": str(exc)}],
+        ) from None
+    items, last = await run_in_threadpool(
+        request.app.state.store.list, who, status, after, page_size
+    )
+    return {"items": items, "next_page_token": encode_token(last) if last else None}
+
+
+@router.post(
+    "/{job_id}:cancel",
+    summary="Cancel a job (cooperative)",
+    response_model=Job,
+    responses=_problem_responses(401, 404, 409),
+)
+async def cancel(request: Request, job_id: str, who: Annotated[str, Depends(tenant)]):
+    await _owned(request, job_id, who)
+    job = await run_in_threadpool(jobs.cancel, job_id, request.app.state.store)
+    if job is None:
+        raise ProblemError(404, f"no job {job_id}", kind="job-not-found")
+    return JSONResponse(job)
+
+
+@router.get(
+    "/{job_id}",
+    summary="A job: status, stage, progress, result",
+    response_model=Job,
+    responses={
+        200: {
+            "description": "the job; `Retry-After` while it is not done",
+            "headers": {
+                "ETag": {"schema": {"type": "string"}},
+                "Retry-After": {"schema": {"type": "integer"}, "description": "seconds"},
+            },
+            "content": {
+                "application/json": {
+                    "examples": {
+                        "running": {"value": _example_job()},
+                        "succeeded": {"value": SUCCEEDED},
+                    }
+                }
+            },
+        },
+        304: {"description": "not modified since the ETag in If-None-Match"},
+        **_problem_responses(401, 404),
+    },
+)
+async def get_job(
+    request: Request,
+    job_id: str,
+    who: Annotated[str, Depends(tenant)],
+    if_none_match: Annotated[str | None, Header()] = None,
+):
+    raw, job = await _owned(request, job_id, who)
+    etag = '"' + hashlib.blake2b(raw, digest_size=12).hexdigest() + '"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if job["status"] not in DONE:
+        headers["Retry-After"] = str(request.app.state.settings.retry_after)
+    if if_none_match and (
+        if_none_match.strip() == "*"
+        or etag in (t.strip().removeprefix("W/") for t in if_none_match.split(","))
+    ):
+        return Response(status_code=304, headers=headers)
+    return _job_response(raw, headers=headers)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    summary="Remove a finished job's record (and, with artifacts=true, its outputs)",
+    responses=_problem_responses(401, 404, 409),
+)
+async def delete(
+    request: Request,
+    job_id: str,
+    who: Annotated[str, Depends(tenant)],
+    artifacts: Annotated[bool, Query(description="also delete the output prefix")] = False,
+):
+    _, job = await _owned(request, job_id, who)
+    state = request.app.state
+    await run_in_threadpool(jobs.delete, job, state.store, state.storage, artifacts)
+    return Response(status_code=204)

@@ -1,0 +1,395 @@
+"""The job pipeline: download -> fusion_core.fuse -> evaluate -> publish -> record.
+
+Plain Python, called by the Celery task and by the embedded worker alike. A lease in the job
+store keeps two deliveries of one job from running at once; a heartbeat renews it. Cancel is
+cooperative: fusion_core polls `should_cancel` at each layer boundary, and the pipeline checks
+between stages. Publishing is atomic and idempotent (storage.publish, then the record).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from service.jobs import finish
+from service.models import DONE, JobSpec
+from service.storage import JOB_FILE, METRICS_FILE, StorageError, join
+from service.store import JobStore, now_iso
+from service.validation import fusion_spec
+
+log = logging.getLogger("otfuse.worker")
+
+# Overall progress at the start of each stage.
+STAGE_SPAN = {
+    "downloading": (0.0, 0.05),
+    "aligning": (0.05, 0.8),
+    "evaluating": (0.8, 0.95),
+    "uploading": (0.95, 1.0),
+}
+UPDATE_EVERY = 0.2  # seconds between progress writes to the job store
+
+
+class Stop(Exception):
+    """Cancelled by the user, or the worker is shutting down."""
+
+
+class LeaseLost(Exception):
+    """Another delivery owns the job now; leave its record alone."""
+
+
+class JobFailed(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Heartbeat(threading.Thread):
+    def __init__(self, store: JobStore, job_id: str, token: str, seconds: float):
+        super().__init__(daemon=True, name=f"lease-{job_id}")
+        self.store, self.job_id, self.token, self.seconds = store, job_id, token, seconds
+        self.stopped = threading.Event()
+        self.lost = threading.Event()
+
+    def run(self):
+        while not self.stopped.wait(self.seconds / 3):
+            try:
+                if not self.store.renew_lease(self.job_id, self.token, self.seconds):
+                    self.lost.set()
+                    return
+            except Exception:  # a store blip: try again at the next beat
+                log.warning("lease renewal of %s failed", self.job_id, exc_info=True)
+
+
+class Run:
+    """One delivery of one job."""
+
+    def __init__(self, job_id, store, storage, settings, stopping: threading.Event | None):
+        self.job_id, self.store, self.storage, self.settings = job_id, store, storage, settings
+        self.stopping = stopping or threading.Event()
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stage: str | None = None
+        self.stage_started = time.perf_counter()
+        self.stage_seconds: dict[str, float] = {}
+        self.last_write = 0.0
+        self.last_poll = 0.0
+        self.cancel_seen = False
+        self.heartbeat: Heartbeat | None = None
+
+    # -- record updates -------------------------------------------------------------------
+    def _set(self, **fields) -> dict | None:
+        def change(job):
+            if job["status"] != "running":
+                return None
+            job.update(fields)
+            return job
+
+        return self.store.update(self.job_id, change)
+
+    def enter(self, stage: str, detail: str) -> None:
+        self.check()
+        self._close_stage()
+        self.stage, self.stage_started = stage, time.perf_counter()
+        self._set(stage=stage, progress=STAGE_SPAN[stage][0], detail=detail)
+        self.last_write = time.perf_counter()
+
+    def _close_stage(self) -> None:
+        if self.stage:
+            seconds = time.perf_counter() - self.stage_started
+            self.stage_seconds[self.stage] = self.stage_seconds.get(self.stage, 0) + seconds
+            try:
+                self.store.observe_stage(self.stage, seconds)
+            except Exception:
+                log.warning("could not record stage duration", exc_info=True)
+            self.stage = None
+
+    def progress(self, fraction: float, detail: str, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last_write < UPDATE_EVERY:
+            return
+        low, high = STAGE_SPAN[self.stage]
+        self._set(progress=round(low + (high - low) * min(max(fraction, 0), 1), 4), detail=detail)
+        self.last_write = now
+
+    # -- cancellation ---------------------------------------------------------------------
+    def should_stop(self) -> bool:
+        if self.heartbeat and self.heartbeat.lost.is_set():
+            return True
+        if self.stopping.is_set() or self.cancel_seen:
+            return True
+        now = time.perf_counter()
+        if now - self.last_poll >= 0.25:
+            self.last_poll = now
+            job = self.store.get(self.job_id)
+            self.cancel_seen = job is None or job.get("cancel_requested", False)
+        return self.cancel_seen
+
+    def check(self) -> None:
+        self.last_poll = 0.0  # at stage boundaries always ask the store
+        if self.should_stop():
+            raise Stop()
+
+    # -- the run --------------------------------------------------------------------------
+    def start(self) -> dict | None:
+        """Claim the job. None when there is nothing to run (ended, cancelled, given up)."""
+        settings = self.settings
+        started = []
+
+        def change(job):
+            if job["status"] in DONE:
+                return None
+            if job.get("cancel_requested"):
+                return finish(job, "cancelled", detail="cancelled before it ran")
+            job["attempts"] = job.get("attempts", 0) + 1
+            if job["attempts"] > settings.max_attempts:
+                return finish(
+                    job,
+                    "failed",
+                    error=(
+                        "worker_lost",
+                        f"gave up after {settings.max_attempts} attempts: the worker running "
+                        f"it was lost or killed (hard time limit {settings.hard_time_limit}s)",
+                    ),
+                )
+            job.update(
+                status="running",
+                stage="downloading",
+                progress=0.0,
+                detail="starting",
+                started_at=job.get("started_at") or now_iso(),
+                error=None,
+            )
+            started.append(True)
+            return job
+
+        job = self.store.update(self.job_id, change)
+        return job if started else None
+
+    def __call__(self) -> str:
+        if not self.store.acquire_lease(self.job_id, self.token, self.settings.lease_seconds):
+            log.info("job %s is leased by another worker; skipping this delivery", self.job_id)
+            return "leased-elsewhere"
+        self.heartbeat = Heartbeat(self.store, self.job_id, self.token, self.settings.lease_seconds)
+        self.heartbeat.start()
+        try:
+            job = self.start()
+            if job is None:
+                return "skipped"
+            return self._run(job)
+        finally:
+            self.heartbeat.stopped.set()
+            self._close_stage()
+            self.store.release_lease(self.job_id, self.token)
+
+    def _run(self, job: dict) -> str:
+        started = time.perf_counter()
+        output = job["output"]
+        published = False
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"otfuse-{self.job_id}-") as tmp:
+                work = Path(tmp)
+                previous = self._output_state(output)
+                if previous is not None:  # a crashed delivery published; record it once
+                    return self._succeed(job, previous, output)
+                result, metrics = self._fuse(job, work, started)
+                self.enter("uploading", "uploading the fused checkpoint")
+                backend = self.storage.backend(output)
+                published = True
+                backend.publish(result, output, self.job_id, job["attempts"])
+                return self._succeed(job, metrics, output)
+        except Exception as exc:
+            return self._fail(exc, output, published)
+
+    def _output_state(self, output: str) -> dict | None:
+        """metrics.json of this job when a previous delivery already published; raises when
+        the prefix holds someone else's files."""
+        backend = self.storage.backend(output)
+        names = backend.list_names(output)
+        if not names:
+            return None
+        metrics = backend.read_json(join(output, METRICS_FILE)) if METRICS_FILE in names else None
+        if metrics and metrics.get("job_id") == self.job_id:
+            return metrics
+        owner = backend.read_json(join(output, JOB_FILE)) if JOB_FILE in names else None
+        if owner and owner.get("job_id") == self.job_id:
+            return None  # a partial copy of ours: publishing again overwrites it
+        raise JobFailed(
+            "output_not_empty",
+            f"output {output} already holds {len(names)} files of another job; "
+            "choose an empty prefix",
+        )
+
+    def _fuse(self, job: dict, work: Path, started: float) -> tuple[Path, dict]:
+        import fusion_core
+
+        spec = JobSpec.model_validate(job["spec"])
+        device = resolve_device(spec.policy.device)
+        fspec = fusion_spec(spec, device)
+        n = len(spec.models)
+        self.enter("downloading", f"downloading model 1/{n}")
+        parents = []
+        for i, uri in enumerate(spec.models):
+            self.check()
+            self.progress(i / n, f"downloading model {i + 1}/{n}", force=True)
+            parents.append(self.storage.backend(uri).fetch_folder(uri, work / f"model-{i}"))
+        files = {}
+        for name in ("activations", "eval"):
+            uri = getattr(spec.data, name)
+            if uri:
+                self.check()
+                dest = work / "data" / f"{name}.safetensors"
+                files[name] = self.storage.backend(uri).fetch_file(uri, dest)
+
+        self.enter("aligning", "aligning")
+        out = work / "fused"
+        fusion_started = time.perf_counter()
+        report = fusion_core.fuse(
+            parents,
+            out,
+            fspec,
+            data=files.get("activations"),
+            progress=lambda p: self.progress(p.step / max(p.total, 1), p.detail),
+            should_cancel=self.should_stop,
+            allow_pickle=self.settings.allow_pickle,
+        )
+        fusion_seconds = time.perf_counter() - fusion_started
+
+        metrics: dict = {"job_id": self.job_id}
+        if "eval" in files:
+            self.enter("evaluating", "evaluating the fused model")
+            metrics["fused"] = fusion_core.evaluate(out, files["eval"], device=device)
+            metrics["parents"] = []
+            for i, (uri, folder) in enumerate(zip(spec.models, parents, strict=True)):
+                self.check()
+                self.progress((i + 1) / (n + 1), f"evaluating parent {i + 1}/{n}", force=True)
+                scores = fusion_core.evaluate(folder, files["eval"], device=device)
+                metrics["parents"].append({"model": uri, **scores})
+        self._close_stage()
+        metrics.update(
+            {
+                "fusion_seconds": round(report.seconds, 3),
+                "fuse_call_seconds": round(fusion_seconds, 3),
+                "wall_seconds": round(time.perf_counter() - started, 3),
+                "stages": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+                "device": device,
+            }
+        )
+        as_run = {
+            "job_id": self.job_id,
+            "tenant": job["tenant"],
+            "spec": job["spec"],
+            "fusion_spec": fspec.to_dict(),
+            "attempt": job["attempts"],
+            "created": now_iso(),
+        }
+        (out / JOB_FILE).write_text(json.dumps(as_run, indent=2) + "\n")
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        return out, metrics
+
+    def _succeed(self, job: dict, metrics: dict, output: str) -> str:
+        self._close_stage()
+        result = {
+            "checkpoint": output,
+            "metrics_uri": join(output, METRICS_FILE),
+            "metrics": metrics,
+            "urls": self._presign(output),
+        }
+
+        def change(record):
+            if record["status"] in DONE:
+                return None
+            record.update(stage=None, progress=1.0, result=result, cancel_requested=False)
+            return finish(record, "succeeded")
+
+        self.store.update(self.job_id, change)
+        log.info("job %s succeeded", self.job_id)
+        return "succeeded"
+
+    def _presign(self, output: str) -> dict | None:
+        seconds = self.settings.presign_seconds
+        backend = self.storage.backend(output)
+        if not seconds:
+            return None
+        urls = {}
+        for name in backend.list_names(output):
+            url = backend.presign(join(output, name), seconds)
+            if url:
+                urls[name] = url
+        return urls or None
+
+    def _fail(self, exc: Exception, output: str, published: bool) -> str:
+        import fusion_core
+
+        try:
+            from celery.exceptions import SoftTimeLimitExceeded
+        except ImportError:  # pragma: no cover
+            SoftTimeLimitExceeded = ()
+        if self.heartbeat and self.heartbeat.lost.is_set():
+            log.warning("job %s: lease lost; another delivery owns it", self.job_id)
+            return "lease-lost"
+        if published:  # a half-copied result must not stay under the final prefix
+            try:
+                self.storage.backend(output).delete_prefix(output)
+            except Exception:
+                log.warning("could not clean %s", output, exc_info=True)
+        if isinstance(exc, Stop | fusion_core.CancelledError):
+            if self.stopping.is_set() and not self.cancel_seen:
+                self._requeue("interrupted by a worker shutdown; it will run again")
+                return "interrupted"
+            self._end("cancelled", None, "cancelled; nothing was published")
+            return "cancelled"
+        if isinstance(exc, JobFailed):
+            error = (exc.kind, str(exc))
+        elif isinstance(exc, fusion_core.InputError):
+            error = ("input_error", str(exc))
+        elif isinstance(exc, fusion_core.FusionError):
+            error = ("fusion_error", str(exc))
+        elif isinstance(exc, StorageError):
+            error = ("storage_error", str(exc))
+        elif SoftTimeLimitExceeded and isinstance(exc, SoftTimeLimitExceeded):
+            limit = self.settings.soft_time_limit
+            error = ("time_limit", f"ran past the soft time limit of {limit}s")
+        else:
+            log.exception("job %s failed", self.job_id)
+            error = ("internal_error", f"{type(exc).__name__}: {exc}")
+        self._end("failed", error, f"failed in {self.stage or 'setup'}")
+        return "failed"
+
+    def _end(self, status: str, error, detail: str) -> None:
+        stage = self.stage
+
+        def change(job):
+            if job["status"] in DONE:
+                return None
+            job["stage"] = stage if status == "failed" else None
+            return finish(job, status, error=error, detail=detail)
+
+        self.store.update(self.job_id, change)
+
+    def _requeue(self, detail: str) -> None:
+        def change(job):
+            if job["status"] != "running":
+                return None
+            job.update(status="queued", stage=None, progress=0.0, detail=detail)
+            return job
+
+        self.store.update(self.job_id, change)
+
+
+def run_job(job_id, store, storage, settings, stopping: threading.Event | None = None) -> str:
+    """Run one delivery of a job; returns what happened (for logs and tests)."""
+    return Run(job_id, store, storage, settings, stopping)()
