@@ -95,7 +95,9 @@ def _activations(
     result = {}
     for number, parent in enumerate(parents, 1):
         report(Progress(0, 1, f"activations of model {number}/{len(parents)}"))
-        taps = list(dict.fromkeys(align_taps + (merge_taps if parent is anchor else [])))
+        stream = spec.residual == "shared" and spec.alignment == "activations"
+        wanted = merge_taps if parent is anchor or stream else []
+        taps = list(dict.fromkeys(align_taps + [t for t in wanted if t is not None]))
         result[parent.index] = collect(
             parent, taps, data, spec.samples, spec.max_tokens, spec.filter, spec.window, spec.device
         )

@@ -12,14 +12,16 @@ from .errors import InputError
 Method = Literal["ot", "vanilla"]
 Alignment = Literal["weights", "activations"]
 Solver = Literal["emd", "sinkhorn"]
-Residual = Literal["average", "weighted-scalar", "weighted-matrix", "identity"]
+Residual = Literal["average", "weighted-scalar", "weighted-matrix", "identity", "shared"]
 QK = Literal["tied", "free"]
+Heads = Literal["matched", "cross"]
 
 METHODS = ("ot", "vanilla")
 ALIGNMENTS = ("weights", "activations")
 SOLVERS = ("emd", "sinkhorn")
-RESIDUALS = ("average", "weighted-scalar", "weighted-matrix", "identity")
+RESIDUALS = ("average", "weighted-scalar", "weighted-matrix", "identity", "shared")
 QK_MODES = ("tied", "free")
+HEAD_MODES = ("matched", "cross")
 _WINDOW = re.compile(r"^window-(\d+)$")
 
 
@@ -32,6 +34,7 @@ class FusionSpec:
     residual: Residual = "average"
     filter: str = "all"  # all | cls | window-N (ViT token filter for activations)
     qk: QK = "tied"
+    heads: Heads = "matched"  # matched: heads one-to-one; cross: the paper's cross-head pool
     anchor: int = 0
     weights: tuple[float, ...] | None = None
     samples: int = 200  # examples drawn from the data file for activations
@@ -44,6 +47,7 @@ class FusionSpec:
         _choice("solver", self.solver, SOLVERS)
         _choice("residual", self.residual, RESIDUALS)
         _choice("qk", self.qk, QK_MODES)
+        _choice("heads", self.heads, HEAD_MODES)
         if self.filter not in ("all", "cls") and not _WINDOW.match(self.filter):
             raise InputError(f"--filter must be all, cls or window-N, not {self.filter!r}")
         if num_models < 2:

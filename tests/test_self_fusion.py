@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from fusion_core import FusionSpec, fuse
 
-POLICIES = ["average", "weighted-scalar", "weighted-matrix", "identity"]
+POLICIES = ["average", "weighted-scalar", "weighted-matrix", "identity", "shared"]
 
 
 @pytest.mark.parametrize("residual", POLICIES)
