@@ -1,0 +1,228 @@
+"""The distributed stack for real: Redis job store and broker, S3 over HTTP (moto in server
+mode), a Celery worker process. Submit -> poll -> the fused checkpoint in the bucket loads with
+from_pretrained; cancel queued and running; a killed worker's job is redelivered and written
+once; idempotency and tenants on the Redis store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+import transformers
+from conftest import REPO, wait_for
+from fastapi.testclient import TestClient
+from test_api_embedded import HeldQueue
+
+from service.app import create_app
+from service.settings import Settings
+
+BUCKET, MODELS = "otfuse", "models"
+ALICE = {"Authorization": "Bearer key-a"}
+BOB = {"Authorization": "Bearer key-b"}
+DONE = ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture(scope="session")
+def stack(redis_url, s3_endpoint, parents, tmp_path_factory):
+    env = {
+        "OTFUSE_REDIS_URL": redis_url,
+        "OTFUSE_S3_ENDPOINT_URL": s3_endpoint,
+        "OTFUSE_BUCKET": BUCKET,
+        "OTFUSE_ALLOWED_BUCKETS": f"{BUCKET},{MODELS}",
+        "OTFUSE_API_KEYS": "key-a:alice,key-b:bob",
+        "OTFUSE_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}:",
+        "OTFUSE_LEASE_SECONDS": "3",
+        "OTFUSE_PRESIGN_SECONDS": "600",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    for bucket in (BUCKET, MODELS):
+        s3.create_bucket(Bucket=bucket)
+    for i, folder in enumerate(parents["models"]):
+        for file in folder.iterdir():
+            s3.upload_file(str(file), MODELS, f"vit-{i}/{file.name}")
+    s3.upload_file(str(parents["data"]), MODELS, "data/images.safetensors")
+
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    worker_env = os.environ | env | {"PYTHONPATH": f"{Path(__file__).parent}:{REPO}"}
+    command = [sys.executable, "-m", "celery", "-A", "held_worker", "worker", "-Q", "fusion"]
+    command += ["-c", "1", "-P", "prefork", "-l", "INFO", "-n", f"test-{uuid.uuid4().hex[:6]}@%h"]
+    command += ["--without-gossip", "--without-mingle"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, cwd=REPO, env=worker_env, stdout=out, stderr=out)
+    try:
+        wait_for(lambda: " ready." in log.read_text() or proc.poll() is not None, 90, "worker")
+        assert proc.poll() is None, log.read_text()
+        settings = Settings(
+            **{
+                k.removeprefix("OTFUSE_").lower(): v
+                for k, v in env.items()
+                if k.startswith("OTFUSE_")
+            }
+        )
+        yield {"settings": settings, "s3": s3, "proc": proc, "log": log, "env": env}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def api(stack):
+    with TestClient(create_app(stack["settings"])) as client:
+        yield client
+
+
+def body(**extra) -> dict:
+    spec = {
+        "models": [f"s3://{MODELS}/vit-0/", f"s3://{MODELS}/vit-1"],
+        "data": {"eval": f"s3://{MODELS}/data/images.safetensors"},
+    }
+    spec.update(extra)
+    return spec
+
+
+def wait_done(client, job_id, timeout=60) -> dict:
+    def done():
+        job = client.get(f"/fusions/{job_id}", headers=ALICE).json()
+        return job if job["status"] in DONE else None
+
+    return wait_for(done, timeout, f"job {job_id} to end")
+
+
+def keys(s3, bucket, prefix) -> list[str]:
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for o in listing.get("Contents", []))
+
+
+def test_distributed_end_to_end(api, stack, tmp_path):
+    response = api.post("/fusions", json=body(name="e2e"), headers=ALICE)
+    assert response.status_code == 202, response.text
+    job = wait_done(api, response.json()["id"])
+    assert job["status"] == "succeeded", (job, stack["log"].read_text()[-3000:])
+    prefix = f"fusions/alice/{job['id']}/"
+    assert job["output"] == job["result"]["checkpoint"] == f"s3://{BUCKET}/{prefix}"
+    s3 = stack["s3"]
+    names = [k.removeprefix(prefix) for k in keys(s3, BUCKET, prefix)]
+    assert {"config.json", "model.safetensors", "metrics.json", "job.json", "fusion.json"} <= set(
+        names
+    )
+    assert keys(s3, BUCKET, "_otfuse_tmp/") == []  # the temporary prefix is gone
+    local = tmp_path / "fused"
+    local.mkdir()
+    for name in names:
+        s3.download_file(BUCKET, prefix + name, str(local / name))
+    model = transformers.ViTForImageClassification.from_pretrained(local)
+    assert model.config.num_labels == 4
+    assert job["result"]["metrics"]["fused"]["examples"] == 24
+    url = job["result"]["urls"]["metrics.json"]
+    assert httpx.get(url).json()["job_id"] == job["id"]  # presigned, no credentials
+
+
+def test_distributed_failure_names_the_uri(api, stack):
+    spec = body(models=[f"s3://{MODELS}/vit-0/", f"s3://{MODELS}/missing/"])
+    job = wait_done(api, api.post("/fusions", json=spec, headers=ALICE).json()["id"])
+    assert job["status"] == "failed"
+    assert job["error"]["type"] == "storage_error"
+    assert f"s3://{MODELS}/missing/" in job["error"]["message"]
+    assert keys(stack["s3"], BUCKET, f"fusions/alice/{job['id']}/") == []
+
+
+def test_distributed_cancel_running(api, stack):
+    job = api.post("/fusions", json=body(name="hold"), headers=ALICE).json()
+
+    def aligning():
+        current = api.get(f"/fusions/{job['id']}", headers=ALICE).json()
+        return current["stage"] == "aligning" and current["status"] == "running"
+
+    wait_for(aligning, 30, "the job to run")
+    assert api.post(f"/fusions/{job['id']}:cancel", headers=ALICE).status_code == 200
+    ended = wait_done(api, job["id"])
+    assert ended["status"] == "cancelled" and ended["result"] is None
+    assert keys(stack["s3"], BUCKET, f"fusions/alice/{job['id']}/") == []
+
+
+def test_distributed_cancel_queued_never_runs(stack):
+    settings = stack["settings"]
+    with TestClient(create_app(settings, queue=HeldQueue())) as held:
+        job = held.post("/fusions", json=body(), headers=ALICE).json()
+        assert held.post(f"/fusions/{job['id']}:cancel", headers=ALICE).json()["status"] == (
+            "cancelled"
+        )
+    from service.queue import CeleryQueue
+
+    CeleryQueue(settings).enqueue(job["id"])  # a late delivery reaches the worker
+    with TestClient(create_app(settings)) as api:
+        wait_for(lambda: f"job {job['id']}: skipped" in stack["log"].read_text(), 30, "delivery")
+        final = api.get(f"/fusions/{job['id']}", headers=ALICE).json()
+    assert final["status"] == "cancelled" and final["attempts"] == 0
+
+
+def test_killed_worker_job_is_redelivered_and_written_once(api, stack):
+    job = api.post("/fusions", json=body(name="hold-once"), headers=ALICE).json()
+
+    def running():
+        current = api.get(f"/fusions/{job['id']}", headers=ALICE).json()
+        return current["stage"] == "aligning"
+
+    wait_for(running, 30, "the job to run")
+    children = subprocess.run(
+        ["pgrep", "-P", str(stack["proc"].pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert children, "no worker child process"
+    for pid in children:  # the pool child that runs the job: killed as by the OOM killer
+        os.kill(int(pid), signal.SIGKILL)
+    final = wait_done(api, job["id"], timeout=90)
+    assert final["status"] == "succeeded", final
+    assert final["attempts"] == 2
+    prefix = f"fusions/alice/{job['id']}/"
+    assert len(keys(stack["s3"], BUCKET, prefix + "metrics.json")) == 1
+    assert keys(stack["s3"], BUCKET, "_otfuse_tmp/") == []
+
+
+def test_redis_store_idempotency_and_tenants(stack):
+    with TestClient(create_app(stack["settings"], queue=HeldQueue())) as held:
+        headers = ALICE | {"Idempotency-Key": f"k-{uuid.uuid4().hex}"}
+        first = held.post("/fusions", json=body(), headers=headers)
+        again = held.post("/fusions", json=body(), headers=headers)
+        assert first.status_code == again.status_code == 202
+        assert first.json()["id"] == again.json()["id"]
+        other = held.post("/fusions", json=body(regularizer=0.2), headers=headers)
+        assert other.status_code == 422
+        job_id = first.json()["id"]
+        assert held.get(f"/fusions/{job_id}", headers=BOB).status_code == 404
+        assert job_id not in [j["id"] for j in held.get("/fusions", headers=BOB).json()["items"]]
+        mine = held.get("/fusions", headers=ALICE, params={"status": "queued"}).json()["items"]
+        assert job_id in [j["id"] for j in mine]
+        etag = held.get(f"/fusions/{job_id}", headers=ALICE).headers["etag"]
+        cached = held.get(f"/fusions/{job_id}", headers=ALICE | {"If-None-Match": etag})
+        assert cached.status_code == 304 and cached.headers["retry-after"] == "1"
+        held.post(f"/fusions/{job_id}:cancel", headers=ALICE)
+        assert (
+            held.get(f"/fusions/{job_id}", headers=ALICE | {"If-None-Match": etag}).status_code
+            == 200
+        )
+        assert held.get("/readyz").json()["checks"] == {
+            "store": "ok",
+            "queue": "ok",
+            "storage": "ok",
+        }
+
+
+def test_s3_validation(api):
+    response = api.post(
+        "/fusions", json=body(models=["s3://other/a/", f"s3://{MODELS}/vit-1/"]), headers=ALICE
+    )
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "models.0"
