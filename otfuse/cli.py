@@ -12,6 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from .service_cli import HANDLERS as SERVICE_HANDLERS
+from .service_cli import add_commands as add_service_commands
+
 EXIT_USAGE = 2
 EXIT_INPUT = 3
 EXIT_FAILED = 1
@@ -149,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     demo.add_argument("--epochs", type=int, default=40, help="parent training epochs")
+    add_service_commands(commands)  # serve, worker, submit, status
     return parser
 
 
@@ -213,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # checkpoints are local folders, never a hub
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
-    handlers = {"fuse": _fuse, "eval": _eval, "demo": _demo}
+    handlers = {"fuse": _fuse, "eval": _eval, "demo": _demo, **SERVICE_HANDLERS}
     from fusion_core import FusionError, InputError
 
     try:

@@ -24,8 +24,8 @@ class Policy(Strict):
         "weights", description="what the OT cost compares: weight rows or activations on data"
     )
     solver: Literal["emd", "sinkhorn"] = Field("sinkhorn", description="exact or soft OT")
-    residual: Literal["average", "weighted-scalar", "weighted-matrix", "identity"] = Field(
-        "average", description="how transport maps merge at residual additions"
+    residual: Literal["average", "weighted-scalar", "weighted-matrix", "identity", "shared"] = (
+        Field("average", description="how transport maps merge at residual additions")
     )
     filter: str = Field(
         "all",
@@ -33,6 +33,9 @@ class Policy(Strict):
         description="ViT tokens used as activation samples: all, cls or window-N",
     )
     qk: Literal["tied", "free"] = Field("tied", description="queries and keys share one map")
+    heads: Literal["matched", "cross"] = Field(
+        "matched", description="heads paired one to one, or the paper's cross-head alignment"
+    )
     samples: int = Field(200, ge=1, le=100_000, description="data examples for activations")
     device: str = Field(
         "auto",

@@ -1,0 +1,213 @@
+"""`otfuse serve`, `otfuse worker`, `otfuse submit`, `otfuse status`: the service from the shell.
+
+With no settings, `serve` is the embedded default (API + in-process worker, local folders,
+loopback only). With OTFUSE_REDIS_URL it is the distributed API, and `worker` runs a Celery
+worker for it. `submit` and `status` talk to a server at OTFUSE_URL with OTFUSE_API_KEY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+EXIT_INPUT, EXIT_FAILED = 3, 1
+
+
+class CommandError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.code = code
+
+
+def add_commands(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the REST API (no settings: embedded, with its own worker)",
+        description="Run the fusion service. With no OTFUSE_* settings it is the embedded "
+        "default: API, job store, queue and worker in this process, results in a local "
+        "folder, loopback only. With OTFUSE_REDIS_URL it is the distributed API.",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--log-level", default="info")
+
+    worker = commands.add_parser(
+        "worker",
+        help="run a Celery worker for the distributed service (one per GPU)",
+        description="Run one Celery worker process on the `fusion` queue (set "
+        "CUDA_VISIBLE_DEVICES to pin it to one GPU). Needs OTFUSE_REDIS_URL.",
+    )
+    worker.add_argument("--log-level", default="INFO")
+    worker.add_argument("--name", default=None, help="worker node name (default: host)")
+
+    for name, text in (("submit", "submit a job spec (JSON)"), ("status", "print a job")):
+        command = commands.add_parser(name, help=text, description=text + ".")
+        if name == "submit":
+            command.add_argument("spec", metavar="SPEC.json", help="job spec file, or - for stdin")
+            command.add_argument(
+                "--wait", action="store_true", help="poll until it ends (progress on stderr)"
+            )
+            command.add_argument("--idempotency-key", default=None)
+        else:
+            command.add_argument("id", metavar="ID")
+        command.add_argument(
+            "--url", default=os.environ.get("OTFUSE_URL", DEFAULT_URL), help="server URL"
+        )
+        command.add_argument(
+            "--api-key",
+            default=os.environ.get("OTFUSE_API_KEY"),
+            help="bearer key (default: $OTFUSE_API_KEY)",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings()
+    if not settings.api_keys and not _is_loopback(args.host):
+        raise CommandError(
+            f"refusing to listen on {args.host} with no API keys: without OTFUSE_API_KEYS "
+            "the server is open, so it binds to loopback only",
+            EXIT_INPUT,
+        )
+    print(
+        f"otfuse: {settings.mode} service on http://{args.host}:{args.port}"
+        + (f" (data in {settings.data_dir})" if settings.mode == "embedded" else ""),
+        file=sys.stderr,
+    )
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    from service.settings import Settings
+
+    if Settings().mode != "distributed":
+        raise CommandError(
+            "otfuse worker needs OTFUSE_REDIS_URL (the embedded `otfuse serve` runs its own)",
+            EXIT_INPUT,
+        )
+    from worker.celery_app import app
+
+    argv = ["worker", "-Q", "fusion", "-c", "1", "-P", "prefork", "-l", args.log_level]
+    argv += ["-n", args.name] if args.name else []
+    app.worker_main(argv)
+    return 0
+
+
+def _client(args):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    return httpx.Client(base_url=args.url, headers=headers, timeout=30)
+
+
+def _check(response) -> dict:
+    if response.status_code >= 400:
+        try:
+            problem = response.json()
+            message = problem.get("detail") or problem.get("title")
+        except ValueError:
+            message = response.text[:300]
+        code = EXIT_INPUT if response.status_code in (401, 404, 409, 422) else EXIT_FAILED
+        raise CommandError(f"{response.status_code}: {message}", code)
+    return response.json()
+
+
+def _bar(job: dict, width: int = 30) -> str:
+    filled = round(job.get("progress", 0) * width)
+    return (
+        f"\r[{'#' * filled}{' ' * (width - filled)}] {job.get('progress', 0) * 100:5.1f}% "
+        f"{job['status']:<9} {job.get('detail', '')[:60]:<60}"
+    )
+
+
+def wait(client, job: dict, stream=sys.stderr) -> dict:
+    """Poll honouring Retry-After, sending the ETag back; draw a progress bar."""
+    etag = None
+    tty = stream.isatty()
+    last = None
+    while job["status"] in ("queued", "running"):
+        headers = {"If-None-Match": etag} if etag else {}
+        response = client.get(f"/fusions/{job['id']}", headers=headers)
+        if response.status_code != 304:
+            job = _check(response)
+            etag = response.headers.get("etag")
+            line = _bar(job)
+            if tty:
+                stream.write(line)
+            elif line != last:
+                stream.write(line.lstrip("\r") + "\n")
+            stream.flush()
+            last = line
+        if job["status"] in ("queued", "running"):
+            time.sleep(min(float(response.headers.get("retry-after", 1)), 5) / 4)
+    if tty:
+        stream.write("\n")
+    return job
+
+
+def submit(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text()
+    try:
+        spec = json.loads(text)
+    except ValueError as exc:
+        raise CommandError(f"{args.spec}: not JSON: {exc}", EXIT_INPUT) from None
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+    with _client(args) as client:
+        job = _check(client.post("/fusions", json=spec, headers=headers))
+        print(f"submitted {job['id']}", file=sys.stderr)
+        if args.wait:
+            job = wait(client, job)
+    print(json.dumps(job, indent=2))
+    if args.wait and job["status"] != "succeeded":
+        error = job.get("error") or {}
+        print(f"otfuse: job {job['status']}: {error.get('message', '')}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(json.dumps(_check(client.get(f"/fusions/{args.id}")), indent=2))
+    return 0
+
+
+def _guard(handler):
+    def run(args):
+        try:
+            return handler(args)
+        except CommandError as exc:
+            print(f"otfuse: error: {exc}", file=sys.stderr)
+            return exc.code
+        except OSError as exc:  # connection refused, unreadable spec file
+            print(f"otfuse: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+
+    return run
+
+
+HANDLERS = {
+    "serve": _guard(serve),
+    "worker": _guard(worker),
+    "submit": _guard(submit),
+    "status": _guard(status),
+}
