@@ -75,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument(
         "--residual",
         default="average",
-        choices=("average", "weighted-scalar", "weighted-matrix", "identity"),
+        choices=("average", "weighted-scalar", "weighted-matrix", "identity", "shared"),
         help="how TMs merge at residual additions (default average; weighted "
-        "policies use the anchor's activations on --data)",
+        "policies use the anchor's activations on --data; shared: one TM for the whole "
+        "residual stream, which keeps each aligned model's function under hard alignment)",
     )
     fuse.add_argument(
         "--filter",
@@ -90,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("tied", "free"),
         default="tied",
         help="query and key share one TM (tied, default) or get their own",
+    )
+    fuse.add_argument(
+        "--heads",
+        choices=("matched", "cross"),
+        default="matched",
+        help="matched (default): heads paired one to one, dimensions aligned inside pairs; "
+        "cross: the paper's cross-head alignment over all heads' dimensions",
     )
     fuse.add_argument(
         "--anchor",
@@ -178,6 +186,7 @@ def _fuse(args: argparse.Namespace) -> int:
         residual=args.residual,
         filter=args.filter,
         qk=args.qk,
+        heads=args.heads,
         anchor=args.anchor,
         weights=tuple(args.weights) if args.weights else None,
         samples=args.samples,

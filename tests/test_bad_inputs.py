@@ -1,0 +1,196 @@
+"""Every bad input: a one-line error naming the problem, non-zero exit, nothing at --out."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from factories import rewrite_keys, save, text_data, tiny_bert, tiny_vit
+from safetensors.torch import load_file, save_file
+
+from otfuse.cli import main
+
+
+@pytest.fixture
+def vit_pair(tmp_path):
+    return [save(tiny_vit(seed=1), tmp_path / "a"), save(tiny_vit(seed=2), tmp_path / "b")]
+
+
+def run_fuse(capsys, models, out: Path, *flags) -> tuple[int, str]:
+    code = main(["fuse", *map(str, models), "--out", str(out), "--quiet", *flags])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_rejected(code, err, out: Path, *words):
+    assert code != 0
+    assert len(err.splitlines()) == 1 and err.startswith("otfuse: error: "), err
+    for word in words:
+        assert word in err, err
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*")), "a partial output was left behind"
+
+
+def test_mixed_families(tmp_path, capsys):
+    models = [save(tiny_vit(seed=1), tmp_path / "v"), save(tiny_bert(seed=1), tmp_path / "b")]
+    code, err = run_fuse(capsys, models, tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", "bert", "vit")
+
+
+def test_different_depths(tmp_path, capsys):
+    models = [save(tiny_vit(layers=2), tmp_path / "a"), save(tiny_vit(layers=3), tmp_path / "b")]
+    code, err = run_fuse(capsys, models, tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", "3 layers", "2")
+
+
+def test_different_head_counts(tmp_path, capsys):
+    models = [save(tiny_vit(heads=2), tmp_path / "a"), save(tiny_vit(heads=4), tmp_path / "b")]
+    code, err = run_fuse(capsys, models, tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", "attention heads")
+
+
+def test_different_architectures_of_one_family(tmp_path, capsys):
+    models = [save(tiny_bert("BertModel"), tmp_path / "a"), save(tiny_bert(), tmp_path / "b")]
+    code, err = run_fuse(capsys, models, tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", "BertForSequenceClassification", "BertModel")
+
+
+def test_truncated_safetensors(vit_pair, tmp_path, capsys):
+    file = vit_pair[1] / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+    code, err = run_fuse(capsys, vit_pair, tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", "truncated", str(file))
+
+
+def test_corrupt_safetensors_header(vit_pair, tmp_path, capsys):
+    file = vit_pair[1] / "model.safetensors"
+    file.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"\x00" * 64)
+    code, err = run_fuse(capsys, vit_pair, tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", "corrupt", str(file))
+
+
+def test_missing_tensor(vit_pair, tmp_path, capsys):
+    file = vit_pair[1] / "model.safetensors"
+    state = load_file(str(file))
+    missing = next(k for k in state if "layernorm_after.weight" in k)
+    del state[missing]
+    save_file(state, str(file))
+    code, err = run_fuse(capsys, vit_pair, tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", "missing tensor", "layernorm_after.weight")
+
+
+def test_nan_weights(vit_pair, tmp_path, capsys):
+    file = vit_pair[1] / "model.safetensors"
+    state = load_file(str(file))
+    key = next(k for k in state if k.endswith("output.dense.weight"))
+    state[key][0, 0] = float("nan")
+    save_file(state, str(file))
+    code, err = run_fuse(capsys, vit_pair, tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", "NaN", key)
+
+
+@pytest.mark.parametrize(
+    "config_change", [{"model_type": "gpt2"}, {"architectures": ["BertForPreTraining"]}]
+)
+def test_unknown_architecture(tmp_path, capsys, config_change):
+    models = [save(tiny_bert(seed=1), tmp_path / "a"), save(tiny_bert(seed=2), tmp_path / "b")]
+    config = json.loads((models[1] / "config.json").read_text())
+    config.update(config_change)
+    (models[1] / "config.json").write_text(json.dumps(config))
+    code, err = run_fuse(capsys, models, tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", "not supported")
+
+
+def test_data_with_wrong_tensor_names(vit_pair, tmp_path, capsys):
+    data = text_data(tmp_path / "text.safetensors")  # input_ids for a ViT
+    code, err = run_fuse(
+        capsys, vit_pair, tmp_path / "out", "--alignment", "activations", "--data", str(data)
+    )
+    assert_rejected(code, err, tmp_path / "out", "input_ids", "pixel_values")
+
+
+def test_pickled_checkpoint_is_refused(vit_pair, tmp_path, capsys):
+    state = load_file(str(vit_pair[1] / "model.safetensors"))
+    (vit_pair[1] / "model.safetensors").unlink()
+    torch.save(state, vit_pair[1] / "pytorch_model.bin")
+    code, err = run_fuse(capsys, vit_pair, tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", "pickled", "pytorch_model.bin")
+
+
+def test_pickled_checkpoint_with_explicit_weights_only_switch(vit_pair, tmp_path, capsys):
+    state = load_file(str(vit_pair[1] / "model.safetensors"))
+    (vit_pair[1] / "model.safetensors").unlink()
+    torch.save(state, vit_pair[1] / "pytorch_model.bin")
+    code, _ = run_fuse(capsys, vit_pair, tmp_path / "out", "--allow-weights-only-pickle")
+    assert code == 0 and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_output_folder_that_is_not_empty(vit_pair, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_fuse(capsys, vit_pair, out)
+    assert code != 0 and "not an empty folder" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--solver", "sinkhorn", "--reg", "0"], ["--reg"]),
+        (["--solver", "sinkhorn", "--reg", "nan"], ["--reg"]),
+        (["--anchor", "5"], ["--anchor"]),
+        (["--weights", "1"], ["--weights"]),
+        (["--residual", "weighted-scalar"], ["--data"]),
+        (["--alignment", "activations"], ["--data"]),
+        (["--filter", "window-x"], ["--filter"]),
+        (["--device", "tpu"], ["--device"]),
+    ],
+)
+def test_bad_options(vit_pair, tmp_path, capsys, flags, words):
+    code, err = run_fuse(capsys, vit_pair, tmp_path / "out", *flags)
+    assert_rejected(code, err, tmp_path / "out", *words)
+
+
+def test_a_single_model(vit_pair, tmp_path, capsys):
+    code, err = run_fuse(capsys, vit_pair[:1], tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", "at least 2 models")
+
+
+def test_not_a_checkpoint_folder(vit_pair, tmp_path, capsys):
+    code, err = run_fuse(capsys, [vit_pair[0], tmp_path / "nope"], tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", "nope")
+
+
+def test_vanilla_fusion_of_different_widths(tmp_path, capsys):
+    models = [save(tiny_vit(hidden=16), tmp_path / "a"), save(tiny_vit(hidden=24), tmp_path / "b")]
+    code, err = run_fuse(capsys, models, tmp_path / "out", "--method", "vanilla")
+    assert_rejected(code, err, tmp_path / "out", "vanilla", "widths")
+
+
+def test_eval_with_a_data_file_for_another_family(vit_pair, tmp_path, capsys):
+    data = text_data(tmp_path / "text.safetensors")
+    code = main(["eval", str(vit_pair[0]), "--data", str(data)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and "input_ids" in err
+
+
+def test_legacy_names_still_fuse(tmp_path, capsys):
+    """Keys without the backbone prefix and with LayerNorm gamma/beta are read."""
+    a, b = tiny_bert("BertModel", seed=1), tiny_bert("BertModel", seed=2)
+    folders = [save(a, tmp_path / "a"), save(b, tmp_path / "b")]
+    rewrite_keys(
+        folders[1],
+        lambda k: (
+            "bert."
+            + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+                "LayerNorm.bias", "LayerNorm.beta"
+            )
+        ),
+    )
+    code, err = run_fuse(capsys, folders, tmp_path / "out", "--method", "vanilla")
+    assert code == 0, err
+    fused = load_file(str(tmp_path / "out" / "model.safetensors"))
+    key = "embeddings.LayerNorm.weight"
+    expected = 0.5 * (a.state_dict()[key] + b.state_dict()[key])
+    torch.testing.assert_close(fused[key], expected)

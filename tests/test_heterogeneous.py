@@ -1,0 +1,52 @@
+"""Models of different widths fuse into the anchor's shapes; the output loads and runs."""
+
+import pytest
+import torch
+import transformers
+from factories import image_data, save, text_data, tiny_bert, tiny_vit
+from safetensors.torch import load_file
+
+from fusion_core import FusionSpec, fuse
+from fusion_core.transport import in_map, out_map
+
+
+@pytest.mark.parametrize("alignment", ["weights", "activations"])
+@pytest.mark.parametrize("residual", ["average", "shared"])
+@pytest.mark.parametrize("solver", ["emd", "sinkhorn"])
+@pytest.mark.parametrize("anchor_hidden,other_hidden", [(16, 24), (24, 16)])
+def test_vit_of_another_width_fuses_into_the_anchor_shapes(
+    tmp_path, alignment, residual, solver, anchor_hidden, other_hidden
+):
+    anchor = tiny_vit(hidden=anchor_hidden, intermediate=2 * anchor_hidden, seed=1)
+    other = tiny_vit(hidden=other_hidden, intermediate=3 * other_hidden, seed=2)
+    folders = [save(anchor, tmp_path / "a"), save(other, tmp_path / "b")]
+    data = image_data(tmp_path / "d.safetensors")
+    out = tmp_path / "fused"
+    fuse(folders, out, FusionSpec(alignment=alignment, solver=solver, residual=residual), data=data)
+    fused = transformers.ViTForImageClassification.from_pretrained(str(out)).eval()
+    assert fused.config.hidden_size == anchor_hidden
+    for key, tensor in fused.state_dict().items():
+        assert tensor.shape == anchor.state_dict()[key].shape, key
+    logits = fused(pixel_values=load_file(str(data))["pixel_values"]).logits
+    assert logits.shape == (24, 4) and bool(torch.isfinite(logits).all())
+
+
+def test_bert_mlm_of_another_width(tmp_path):
+    anchor = tiny_bert("BertForMaskedLM", hidden=16, intermediate=32, seed=1)
+    other = tiny_bert("BertForMaskedLM", hidden=32, intermediate=48, seed=2)
+    folders = [save(anchor, tmp_path / "a"), save(other, tmp_path / "b")]
+    data = text_data(tmp_path / "d.safetensors", labels=False)
+    fuse(folders, tmp_path / "fused", FusionSpec(alignment="activations"), data=data)
+    fused = transformers.BertForMaskedLM.from_pretrained(str(tmp_path / "fused")).eval()
+    batch = load_file(str(data))
+    assert bool(torch.isfinite(fused(**batch).logits).all())
+
+
+def test_masses_reconstruct_inputs_and_average_outputs():
+    """Outputs: each anchor neuron gets one unit of mass. Inputs: each model neuron is fully
+    reconstructed. A 48 <- 64 pair must not be scaled by 64/48."""
+    plan = torch.rand(64, 48)
+    plan = plan / plan.sum()
+    ones = torch.ones(64)
+    torch.testing.assert_close(ones @ out_map(plan), torch.ones(48))  # averages of ones stay one
+    torch.testing.assert_close(in_map(plan) @ torch.ones(48), ones)  # each row reconstructs one

@@ -1,0 +1,88 @@
+import itertools
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from fusion_core.errors import FusionError
+from fusion_core.solvers import emd, sinkhorn
+
+
+def planted_cost(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cost with a unique optimal permutation, well separated from the rest."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    cost = 0.5 + 0.5 * torch.rand(n, n, generator=gen)
+    cost[torch.arange(n), perm] = 0.3 * torch.rand(n, generator=gen)
+    return cost / cost.max(), perm
+
+
+def test_emd_finds_the_planted_permutation():
+    cost, perm = planted_cost(64)
+    plan = emd(cost)
+    assert torch.equal(plan.argmax(1), perm)
+    torch.testing.assert_close(plan.sum(0), torch.full((64,), 1 / 64))
+
+
+def test_emd_is_optimal_where_capped_network_simplex_is_not_needed():
+    """Equal sizes: linear assignment; its cost equals POT's exact EMD cost."""
+    gen = torch.Generator().manual_seed(1)
+    cost = torch.rand(40, 40, generator=gen, dtype=torch.float64)
+    a = np.full(40, 1 / 40)
+    reference = ot.emd2(a, a, cost.numpy(), numItermax=10_000_000)
+    assert float((emd(cost) * cost).sum()) == pytest.approx(reference, rel=1e-9)
+
+
+def test_rectangular_emd_keeps_both_marginals_and_is_optimal():
+    gen = torch.Generator().manual_seed(2)
+    cost = torch.rand(48, 32, generator=gen, dtype=torch.float64)
+    plan = emd(cost)
+    torch.testing.assert_close(plan.sum(1), torch.full((48,), 1 / 48, dtype=torch.float64))
+    torch.testing.assert_close(plan.sum(0), torch.full((32,), 1 / 32, dtype=torch.float64))
+    reference = ot.emd2(np.full(48, 1 / 48), np.full(32, 1 / 32), cost.numpy(), numItermax=10**7)
+    assert float((plan * cost).sum()) == pytest.approx(reference, rel=1e-9)
+
+
+def test_sinkhorn_approaches_emd_as_the_regularizer_goes_to_zero():
+    cost, _ = planted_cost(50, seed=3)
+    exact = emd(cost)
+    distances = [
+        float((sinkhorn(cost, reg) - exact).abs().sum()) for reg in (0.3, 0.1, 0.03, 0.01, 0.003)
+    ]
+    assert all(b < a for a, b in itertools.pairwise(distances))
+    assert distances[-1] < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reg", [1.0, 0.01, 0.003, 0.0005])
+def test_sinkhorn_is_stable_at_small_regularizers(dtype, reg):
+    gen = torch.Generator().manual_seed(4)
+    cost = torch.rand(300, 200, generator=gen).to(dtype)
+    plan = sinkhorn(cost, reg)
+    assert plan.dtype == dtype and bool(torch.isfinite(plan).all())
+    torch.testing.assert_close(
+        plan.sum(0), torch.full((200,), 1 / 200, dtype=dtype), atol=1e-6, rtol=1e-3
+    )
+    torch.testing.assert_close(
+        plan.sum(1), torch.full((300,), 1 / 300, dtype=dtype), atol=1e-6, rtol=1e-3
+    )
+
+
+def test_sinkhorn_matches_pot_at_moderate_regularization():
+    gen = torch.Generator().manual_seed(5)
+    cost = torch.rand(30, 30, generator=gen, dtype=torch.float64)
+    a = np.full(30, 1 / 30)
+    reference = ot.sinkhorn(a, a, cost.numpy(), 0.1, stopThr=1e-12, numItermax=100_000)
+    np.testing.assert_allclose(sinkhorn(cost, 0.1, tol=1e-12).numpy(), reference, atol=1e-9)
+
+
+def test_sinkhorn_rejects_a_non_positive_regularizer():
+    with pytest.raises(ValueError):
+        sinkhorn(torch.rand(3, 3), 0.0)
+
+
+def test_plans_stay_on_the_cost_device():
+    cost = torch.rand(8, 8)
+    assert emd(cost).device == cost.device and sinkhorn(cost, 0.1).device == cost.device
+    assert isinstance(FusionError("x"), Exception)
