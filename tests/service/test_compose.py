@@ -1,0 +1,104 @@
+"""docker-compose.yml and docker/: validated statically (no Docker engine in CI)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "docker-compose.yml"
+
+
+def example_env() -> dict[str, str]:
+    env = {}
+    for line in (REPO / "docker" / "env.example").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key] = value
+    return env
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    return None
+
+
+def test_compose_config_is_valid():
+    command = compose_command()
+    if command is None:
+        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTFUSE_")} | example_env()
+    done = subprocess.run(
+        [*command, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    missing = {k: v for k, v in env.items() if k != "REDIS_PASSWORD"}
+    done = subprocess.run(
+        [*command, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env=missing
+    )
+    assert done.returncode != 0 and "REDIS_PASSWORD" in done.stderr  # secrets are required
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_stack_shape(compose):
+    services = compose["services"]
+    assert {"redis", "minio", "minio-init", "api", "worker", "flower"} <= set(services)
+    redis_cmd = " ".join(services["redis"]["command"])
+    for flag in ("--appendonly yes", "--maxmemory-policy noeviction", "--requirepass"):
+        assert flag in redis_cmd
+    assert services["redis"]["volumes"]
+    for name in ("redis", "minio", "flower", "minio-init"):
+        image = services[name]["image"]
+        assert re.search(r":[\w.\-]+$", image) and not image.endswith(":latest"), image
+    assert "mc mb" in " ".join(services["minio-init"]["entrypoint"])
+    gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert services["worker"]["stop_grace_period"] == "30m"
+    assert "FLOWER_BASIC_AUTH" in services["flower"]["environment"]
+    assert services["flower"]["ports"][0].startswith("127.0.0.1:")
+    for name in ("redis", "minio", "api", "worker"):
+        assert services[name]["healthcheck"]["test"], name
+    for name in ("api", "worker"):
+        depends = services[name]["depends_on"]
+        assert depends["redis"]["condition"] == "service_healthy"
+        assert depends["minio"]["condition"] == "service_healthy"
+        assert depends["minio-init"]["condition"] == "service_completed_successfully"
+
+
+def test_api_and_worker_share_settings_and_visibility_timeout(compose):
+    services = compose["services"]
+    api, worker = services["api"]["environment"], services["worker"]["environment"]
+    assert api == worker
+    env = {
+        k.removeprefix("OTFUSE_").lower(): v
+        for k, v in api.items()
+        if k.startswith("OTFUSE_") and "${" not in v
+    }
+    settings = Settings(**env, redis_url="redis://redis:6379/0")
+    assert settings.visibility_timeout > settings.hard_time_limit > settings.soft_time_limit
+
+
+@pytest.mark.parametrize("name", ["api.Dockerfile", "worker.Dockerfile"])
+def test_dockerfiles_copy_what_exists(name):
+    text = (REPO / "docker" / name).read_text()
+    for source in re.findall(r"^COPY (\S+(?: \S+)*) \S+$", text, re.M):
+        for path in source.split():
+            assert (REPO / path).exists(), f"{name}: COPY {path} does not exist"
+    assert "otfuse" in text.splitlines()[-1]
