@@ -211,3 +211,99 @@ HANDLERS = {
     "submit": _guard(submit),
     "status": _guard(status),
 }
+
+
+# -- the README's main job: the embedded service end to end ----------------------------------
+def run_service_demo(workdir: Path, port: int, epochs: int = 40) -> dict:
+    """Start the embedded service, submit OT and vanilla fusions of two digits ViTs (trained
+    once, cached in `workdir`, shared with `otfuse demo`), wait, print the metrics."""
+    import subprocess
+
+    import httpx
+
+    workdir = workdir.resolve()
+    data_dir = workdir / "service"
+    env = os.environ | {
+        "OTFUSE_DATA_DIR": str(data_dir),
+        "OTFUSE_FILE_ROOTS": str(workdir),
+    }
+    for name in ("OTFUSE_REDIS_URL", "OTFUSE_API_KEYS", "OTFUSE_BUCKET"):
+        env.pop(name, None)
+    url = f"http://127.0.0.1:{port}"
+    print(f"$ otfuse serve --port {port}   (embedded; data in {data_dir})", file=sys.stderr)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "otfuse", "serve", "--port", str(port), "--log-level", "warning"],
+        env=env,
+    )
+    try:
+        parents, test = _digits_parents(workdir, epochs)
+        client = httpx.Client(base_url=url, timeout=30)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if client.get("/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise CommandError("the embedded service did not start")
+            time.sleep(0.2)
+        jobs = {}
+        for name, extra in (("ot", {"regularizer": 0.05}), ("vanilla", {"method": "vanilla"})):
+            spec = {
+                "models": [f"file://{p}" for p in parents],
+                "data": {"eval": f"file://{test}"},
+                "name": f"digits-{name}",
+                **extra,
+            }
+            (workdir / f"job-{name}.json").write_text(json.dumps(spec, indent=2) + "\n")
+            print(f"$ otfuse submit {workdir / f'job-{name}.json'} --wait", file=sys.stderr)
+            job = wait(client, _check(client.post("/fusions", json=spec)))
+            if job["status"] != "succeeded":
+                raise CommandError(f"job {job['id']} {job['status']}: {job.get('error')}")
+            jobs[name] = job
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    ot = jobs["ot"]["result"]["metrics"]
+    rows = [(f"parent-{i}", p) for i, p in enumerate(ot["parents"])]
+    rows += [("vanilla", jobs["vanilla"]["result"]["metrics"]["fused"]), ("ot", ot["fused"])]
+    print(f"\n{'model':<12} {'accuracy':>9} {'loss':>8}")
+    for name, m in rows:
+        print(f"{name:<12} {m['accuracy']:>9.4f} {m['loss']:>8.3f}")
+    checkpoint = jobs["ot"]["result"]["checkpoint"]
+    print(
+        f"\nOT job {jobs['ot']['id']}: fusion {ot['fusion_seconds']:.2f}s, "
+        f"job wall {ot['wall_seconds']:.2f}s\nfused checkpoint: {checkpoint}"
+    )
+    return jobs
+
+
+def _digits_parents(workdir: Path, epochs: int) -> tuple[list[Path], Path]:
+    from .digits import load_digits_splits, save_model, save_split, train_vit
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    splits = load_digits_splits()
+    test = save_split(splits.test, workdir / "test.safetensors")
+    parents = []
+    for seed in (0, 1):
+        folder = workdir / f"parent-{seed}"
+        if not (folder / "model.safetensors").is_file():
+            print(f"training parent {seed} on digits ({epochs} epochs)...", file=sys.stderr)
+            save_model(train_vit(seed, splits, epochs=epochs), folder)
+        parents.append(folder)
+    return parents, test
+
+
+if __name__ == "__main__":
+    demo = argparse.ArgumentParser(description="the embedded service end to end on digits")
+    demo.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--port", type=int, default=8765)
+    demo.add_argument("--epochs", type=int, default=40)
+    options = demo.parse_args()
+    try:
+        run_service_demo(options.workdir, options.port, options.epochs)
+    except CommandError as exc:
+        print(f"otfuse: error: {exc}", file=sys.stderr)
+        sys.exit(exc.code)

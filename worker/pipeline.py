@@ -234,8 +234,11 @@ class Run:
         )
 
     def _fuse(self, job: dict, work: Path, started: float) -> tuple[Path, dict]:
+        import transformers
+
         import fusion_core
 
+        transformers.utils.logging.disable_progress_bar()  # progress goes to the job record
         spec = JobSpec.model_validate(job["spec"])
         device = resolve_device(spec.policy.device)
         fspec = fusion_spec(spec, device)
