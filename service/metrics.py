@@ -53,6 +53,7 @@ class LatencyMiddleware:
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
+        self._children: dict[tuple, object] = {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -68,8 +69,8 @@ class LatencyMiddleware:
         try:
             await self.app(scope, receive, send=capture)
         finally:
-            route = scope.get("route")
-            label = getattr(route, "path", "unmatched")
-            self.metrics.latency.labels(scope["method"], label, str(status[0])).observe(
-                time.perf_counter() - started
-            )
+            key = (scope["method"], getattr(scope.get("route"), "path", "unmatched"), status[0])
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = self.metrics.latency.labels(*key[:2], str(key[2]))
+            child.observe(time.perf_counter() - started)

@@ -42,6 +42,20 @@ def dumps(job: dict) -> bytes:
     return json.dumps(job, separators=(",", ":"), sort_keys=True).encode()
 
 
+def peek(raw: bytes, field: str) -> str | None:
+    """A top-level string field of a stored record without parsing it (the polling hot path).
+
+    Records are written with sorted keys, so the top-level `status`, `tenant` and
+    `updated_at` come after every nested object (error, labels, result, spec): the last
+    `,"field":"` is the top-level one. A bare `"` cannot occur inside a JSON string."""
+    marker = b',"' + field.encode() + b'":"'
+    start = raw.rfind(marker)
+    if start < 0:
+        return None
+    start += len(marker)
+    return raw[start : raw.index(b'"', start)].decode()
+
+
 def encode_token(job_id: str) -> str:
     return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=")
 

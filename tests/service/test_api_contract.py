@@ -155,6 +155,12 @@ def test_auth_and_tenant_isolation(keyed, parents):
     a = keyed.post("/fusions", json=_body(parents), headers=alice | {"Idempotency-Key": "k"})
     b = keyed.post("/fusions", json=_body(parents), headers=bob | {"Idempotency-Key": "k"})
     assert a.json()["id"] != b.json()["id"] and b.json()["tenant"] == "bob"
+    # Labels that mimic the record's own fields fool neither the tenant nor the status check.
+    spoof = _body(parents, labels={"tenant": "bob", "status": "succeeded", "z": '","tenant":"bob'})
+    spoofed = keyed.post("/fusions", json=spoof, headers=alice).json()
+    assert keyed.get(f"/fusions/{spoofed['id']}", headers=bob).status_code == 404
+    polled = keyed.get(f"/fusions/{spoofed['id']}", headers=alice)
+    assert polled.status_code == 200 and polled.headers["retry-after"] == "1"
     # Health and metrics need no key.
     for open_path in ("/healthz", "/readyz", "/metrics"):
         assert keyed.get(open_path).status_code == 200
