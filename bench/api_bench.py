@@ -156,6 +156,7 @@ def main() -> None:
         ],
         env=env,
         cwd=REPO,
+        stdout=subprocess.DEVNULL,
     )
     procs.append(worker)
     api = f"http://127.0.0.1:{api_port}"

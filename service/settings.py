@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     s3_public_endpoint_url: str | None = Field(
         None, description="endpoint presigned URLs are signed for (default: the S3 endpoint)"
     )
-    s3_region: str = "us-east-1"
+    s3_region: str = Field("us-east-1", description="region for signing")
     bucket: str | None = Field(None, description="default output bucket")
     allowed_buckets: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="buckets s3:// URIs may name (default: OTFUSE_BUCKET)"
@@ -36,7 +36,7 @@ class Settings(BaseSettings):
         description="folders file:// URIs may name (embedded default: the working folder)",
     )
     data_dir: Path = Field(Path("runs/service"), description="embedded: job file + artifacts")
-    multipart_threshold_mb: int = Field(64, ge=5)
+    multipart_threshold_mb: int = Field(64, ge=5, description="files above use multipart")
 
     # Auth.
     api_keys: Annotated[dict[str, str], NoDecode] = Field(
@@ -44,17 +44,17 @@ class Settings(BaseSettings):
     )
 
     # Jobs.
-    max_models: int = Field(8, ge=2)
+    max_models: int = Field(8, ge=2, description="models per job")
     max_attempts: int = Field(3, ge=1, description="deliveries of one job before it fails")
     soft_time_limit: int = Field(3600, ge=1, description="seconds; the job fails cleanly")
     hard_time_limit: int = Field(3900, ge=2, description="seconds; the worker child is killed")
     lease_seconds: int = Field(30, ge=2, description="running-job lease, renewed every third")
     presign_seconds: int = Field(0, ge=0, le=604800, description="presigned GET URLs; 0 = off")
     retry_after: int = Field(1, ge=1, description="Retry-After seconds while a job is not done")
-    idempotency_ttl: int = Field(86400, ge=60)
-    allow_pickle: bool = False
+    idempotency_ttl: int = Field(86400, ge=60, description="seconds an Idempotency-Key is kept")
+    allow_pickle: bool = Field(False, description="read legacy .bin with weights_only loading")
     device: str = Field("auto", description="auto = cuda when the worker has one, else cpu")
-    embedded_workers: int = Field(1, ge=1)
+    embedded_workers: int = Field(1, ge=1, description="embedded: worker threads")
 
     @field_validator("api_keys", mode="before")
     @classmethod

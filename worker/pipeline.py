@@ -240,7 +240,8 @@ class Run:
 
         transformers.utils.logging.disable_progress_bar()  # progress goes to the job record
         spec = JobSpec.model_validate(job["spec"])
-        device = resolve_device(spec.policy.device)
+        requested = spec.policy.device
+        device = resolve_device(self.settings.device if requested == "auto" else requested)
         fspec = fusion_spec(spec, device)
         n = len(spec.models)
         self.enter("downloading", f"downloading model 1/{n}")
