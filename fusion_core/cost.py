@@ -16,5 +16,19 @@ def neuron_features(tensors: list[torch.Tensor], axes: list[int]) -> torch.Tenso
 def pairwise_cost(model_features: torch.Tensor, anchor_features: torch.Tensor) -> torch.Tensor:
     """Euclidean distances (n_model, n_anchor), divided by their max so the regularizer has
     the same meaning at every layer and scale."""
-    cost = torch.cdist(model_features[None], anchor_features[None])[0]
+    return normalized(euclidean(model_features, anchor_features))
+
+
+def euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pairwise distances over the last axis, batched over leading ones, via one matrix
+    product (about twice as fast as torch.cdist on CPU)."""
+    squared = (
+        x.pow(2).sum(-1)[..., :, None]
+        + y.pow(2).sum(-1)[..., None, :]
+        - 2 * (x @ y.transpose(-1, -2))
+    )
+    return squared.clamp_min_(0).sqrt_()
+
+
+def normalized(cost: torch.Tensor) -> torch.Tensor:
     return cost / cost.max().clamp_min(torch.finfo(cost.dtype).tiny)

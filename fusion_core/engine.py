@@ -23,6 +23,7 @@ from .models import ParentModel
 from .spec import FusionSpec
 from .transport import (
     apply_on_axis,
+    as_permutation,
     identity_plan,
     in_map,
     merge_plans,
@@ -86,6 +87,7 @@ class Engine:
         self.plans: dict[int, dict[str, torch.Tensor]] = {p.index: {} for p in self.others}
         self.records: list[PlanRecord] = []
         self.groups = self._solve_groups()
+        self._maps: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.stream = self._stream_spaces() if spec.residual == "shared" else set()
 
     def _solve_groups(self) -> dict[str, list[list[Layer]]]:
@@ -123,6 +125,7 @@ class Engine:
         for plans in self.plans.values():
             for space in [s for s in plans if s not in self.stream]:
                 del plans[space]
+        self._maps.clear()
         fused: dict[str, torch.Tensor] = {}
         order = list(dict.fromkeys(self.blocks))
         previous = None
@@ -193,9 +196,21 @@ class Engine:
             role, space = tag
             if space in skip or (only is not None and space not in only):
                 continue
-            plan = self.plans[model.index][space]
-            tensor = apply_on_axis(tensor, axis, out_map(plan) if role == "out" else in_map(plan))
+            tensor = apply_on_axis(tensor, axis, self._map(self.plans[model.index][space], role))
         return tensor
+
+    def _map(self, plan: torch.Tensor, role: str) -> torch.Tensor:
+        """The normalized map of a plan (or its permutation indices), computed once."""
+        key = (id(plan), role)
+        if key not in self._maps:
+            # Only exact solvers produce permutations; checking a soft plan costs a full pass.
+            permutation = as_permutation(plan) if self.spec.solver == "emd" else None
+            if permutation is not None:
+                mapped = permutation
+            else:
+                mapped = out_map(plan) if role == "out" else in_map(plan)
+            self._maps[key] = (plan, mapped)  # holding the plan keeps its id unique
+        return self._maps[key][1]
 
     def _plan(
         self,

@@ -46,57 +46,66 @@ def sinkhorn(
 
     Runs the scaling iterations on a kernel whose large values are absorbed into log-domain
     potentials, and anneals the regularizer from the cost's scale down to `reg`, so tiny
-    regularizers neither under- nor overflow and converge in few iterations.
+    regularizers neither under- nor overflow and converge in few iterations. `cost` may
+    carry leading batch dimensions (..., n, m): independent problems solved together.
     """
     if reg <= 0:
         raise ValueError("the Sinkhorn regularizer must be > 0")
-    n, m = cost.shape
-    work = torch.float64 if cost.device.type == "cpu" and n * m <= 4_000_000 else torch.float32
+    *batch, n, m = cost.shape
+    small = cost.numel() <= 4_000_000
+    work = torch.float64 if cost.device.type == "cpu" and small else torch.float32
+    tiny = 1e-300 if work == torch.float64 else 1e-38
     c = cost.to(work)
     log_a, log_b = -math.log(n), -math.log(m)
-    f = torch.zeros(n, dtype=work, device=c.device)
-    g = torch.zeros(m, dtype=work, device=c.device)
+    a, b = 1.0 / n, 1.0 / m
+    f = torch.zeros(*batch, n, dtype=work, device=c.device)
+    g = torch.zeros(*batch, m, dtype=work, device=c.device)
     # Annealing only where exp(-cost/eps) would underflow; each stage costs a full pass.
-    start = max(float(c.max()) / 32, reg)
+    start = max(float(c.amax()) / 32, reg)
     schedule = [start * 0.5**k for k in range(64) if start * 0.5**k > reg] + [reg]
     iterations = 0
     for stage, eps in enumerate(schedule):
-        final = stage == len(schedule) - 1
-        # Exact log-domain half-steps put the potentials in range for this eps...
+        stage_tol = tol if stage == len(schedule) - 1 else max(tol, 1e-3)
         scaled = c / eps
-        f = eps * (log_a - torch.logsumexp(g[None, :] / eps - scaled, dim=1))
-        g = eps * (log_b - torch.logsumexp(f[:, None] / eps - scaled, dim=0))
-        kernel = torch.exp((f[:, None] + g[None, :]) / eps - scaled)
-        u = torch.ones(n, dtype=work, device=c.device)
-        v = torch.ones(m, dtype=work, device=c.device)
-        a, b = math.exp(log_a), math.exp(log_b)
-        stage_tol = tol if final else max(tol, 1e-3)
+        if stage == 0:  # eps >= max cost / 32: exp(-cost/eps) cannot underflow
+            kernel = torch.exp(-scaled)
+        else:  # exact log-domain half-steps put the potentials in range for this eps...
+            f = eps * (log_a - torch.logsumexp(g[..., None, :] / eps - scaled, dim=-1))
+            g = eps * (log_b - torch.logsumexp(f[..., :, None] / eps - scaled, dim=-2))
+            kernel = torch.exp((f[..., :, None] + g[..., None, :]) / eps - scaled)
+        kernel_t = kernel.transpose(-1, -2)
+        u = torch.ones_like(f)
+        v = torch.ones_like(g)
         while True:
-            u = a / (kernel @ v).clamp_min(1e-300 if work == torch.float64 else 1e-38)
-            v = b / (kernel.T @ u).clamp_min(1e-300 if work == torch.float64 else 1e-38)
+            u = a / (kernel @ v[..., None])[..., 0].clamp_min(tiny)
+            v = b / (kernel_t @ u[..., None])[..., 0].clamp_min(tiny)
             iterations += 1
             if iterations % 10 == 0 or iterations >= max_iter:
-                err = float((u * (kernel @ v) - a).abs().sum())
+                row_mass = u * (kernel @ v[..., None])[..., 0]
+                err = float((row_mass - a).abs().sum(-1).max())
                 if not math.isfinite(err):
                     raise FusionError(f"Sinkhorn diverged at reg={reg:g} on a {n}x{m} problem")
                 if err < stage_tol or iterations >= max_iter:
                     break
             # ...and large scalings are absorbed back into them, so nothing overflows.
-            if float(u.abs().max()) > 1e30 or float(v.abs().max()) > 1e30:
+            if float(torch.maximum(u.amax(), v.amax())) > 1e30:
                 f, g = f + eps * torch.log(u), g + eps * torch.log(v)
-                kernel = torch.exp((f[:, None] + g[None, :]) / eps - scaled)
-                u.fill_(1.0)
-                v.fill_(1.0)
+                kernel = torch.exp((f[..., :, None] + g[..., None, :]) / eps - scaled)
+                kernel_t = kernel.transpose(-1, -2)
+                u, v = torch.ones_like(f), torch.ones_like(g)
         if iterations >= max_iter:
             break
-    plan = u[:, None] * kernel * v[None, :]
-    if not bool(torch.isfinite(plan).all()):
+    if not (bool(torch.isfinite(u).all()) and bool(torch.isfinite(v).all())):
         raise FusionError(f"Sinkhorn produced non-finite values at reg={reg:g}")
-    return plan.to(cost.dtype)
+    return kernel.mul_(u[..., :, None]).mul_(v[..., None, :]).to(cost.dtype)
 
 
 def solve(cost: torch.Tensor, solver: str, reg: float | None) -> torch.Tensor:
+    """Plan(s) for a cost (n, m) or a batch of costs (..., n, m)."""
     if solver == "emd":
+        if cost.ndim > 2:
+            flat = cost.reshape(-1, *cost.shape[-2:])
+            return torch.stack([emd(c) for c in flat]).reshape(cost.shape)
         return emd(cost)
     if solver == "sinkhorn":
         if reg is None:

@@ -22,9 +22,23 @@ def in_map(plan: torch.Tensor) -> torch.Tensor:
 
 
 def apply_on_axis(tensor: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
-    """Contract `axis` (size n_model) of `tensor` with `matrix` (n_model, n_anchor)."""
+    """Contract `axis` (size n_model) of `tensor` with `matrix` (n_model, n_anchor), or, for
+    a permutation given as indices (n_anchor,), gather along it."""
+    if matrix.dtype == torch.long:
+        return tensor.index_select(axis, matrix)
     moved = tensor.movedim(axis, -1)
     return (moved @ matrix.to(moved.dtype)).movedim(-1, axis)
+
+
+def as_permutation(plan: torch.Tensor) -> torch.Tensor | None:
+    """For a (scaled) permutation plan, the model neuron feeding each anchor neuron; else
+    None. Hard plans are then applied by gathering: O(n) instead of a dense O(n^2) product."""
+    if plan.shape[0] != plan.shape[1]:
+        return None
+    support = plan > 0
+    if not (bool((support.sum(0) == 1).all()) and bool((support.sum(1) == 1).all())):
+        return None
+    return support.to(torch.uint8).argmax(0)
 
 
 def identity_plan(n: int, device: torch.device | str, dtype=torch.float32) -> torch.Tensor:
