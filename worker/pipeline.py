@@ -89,6 +89,7 @@ class Run:
         self.last_poll = 0.0
         self.cancel_seen = False
         self.heartbeat: Heartbeat | None = None
+        self.local_paths: dict[str, str] = {}  # downloaded copy -> its URI, for error messages
 
     # -- record updates -------------------------------------------------------------------
     def _set(self, **fields) -> dict | None:
@@ -249,7 +250,9 @@ class Run:
         for i, uri in enumerate(spec.models):
             self.check()
             self.progress(i / n, f"downloading model {i + 1}/{n}", force=True)
-            parents.append(self.storage.backend(uri).fetch_folder(uri, work / f"model-{i}"))
+            folder = self.storage.backend(uri).fetch_folder(uri, work / f"model-{i}")
+            self.local_paths[str(folder)] = uri
+            parents.append(folder)
         files = {}
         for name in ("activations", "eval"):
             uri = getattr(spec.data, name)
@@ -257,6 +260,7 @@ class Run:
                 self.check()
                 dest = work / "data" / f"{name}.safetensors"
                 files[name] = self.storage.backend(uri).fetch_file(uri, dest)
+                self.local_paths[str(files[name])] = uri
 
         self.enter("aligning", "aligning")
         out = work / "fused"
@@ -359,9 +363,9 @@ class Run:
         if isinstance(exc, JobFailed):
             error = (exc.kind, str(exc))
         elif isinstance(exc, fusion_core.InputError):
-            error = ("input_error", str(exc))
+            error = ("input_error", self._with_uris(str(exc)))
         elif isinstance(exc, fusion_core.FusionError):
-            error = ("fusion_error", str(exc))
+            error = ("fusion_error", self._with_uris(str(exc)))
         elif isinstance(exc, StorageError):
             error = ("storage_error", str(exc))
         elif SoftTimeLimitExceeded and isinstance(exc, SoftTimeLimitExceeded):
@@ -372,6 +376,15 @@ class Run:
             error = ("internal_error", f"{type(exc).__name__}: {exc}")
         self._end("failed", error, f"failed in {self.stage or 'setup'}")
         return "failed"
+
+    def _with_uris(self, message: str) -> str:
+        """fusion_core names the local copies it read; users know the URIs they sent."""
+        for path, uri in sorted(self.local_paths.items(), key=lambda kv: -len(kv[0])):
+            if not uri.startswith("file://"):
+                message = message.replace(path.rstrip("/") + "/", uri).replace(
+                    path, uri.rstrip("/")
+                )
+        return message
 
     def _end(self, status: str, error, detail: str) -> None:
         stage = self.stage

@@ -139,6 +139,17 @@ def test_distributed_failure_names_the_uri(api, stack):
     assert keys(stack["s3"], BUCKET, f"fusions/alice/{job['id']}/") == []
 
 
+def test_distributed_bad_checkpoint_error_names_the_s3_uri(api, stack, tmp_path):
+    s3 = stack["s3"]
+    s3.put_object(Bucket=MODELS, Key="broken/config.json", Body=b'{"model_type": "vit"}')
+    s3.put_object(Bucket=MODELS, Key="broken/model.safetensors", Body=b"not safetensors")
+    spec = body(models=[f"s3://{MODELS}/vit-0/", f"s3://{MODELS}/broken/"])
+    job = wait_done(api, api.post("/fusions", json=spec, headers=ALICE).json()["id"])
+    assert job["status"] == "failed" and job["error"]["type"] == "input_error", job
+    assert f"s3://{MODELS}/broken" in job["error"]["message"]
+    assert "/tmp" not in job["error"]["message"] and "otfuse-" not in job["error"]["message"]
+
+
 def test_distributed_cancel_running(api, stack):
     job = api.post("/fusions", json=body(name="hold"), headers=ALICE).json()
 
