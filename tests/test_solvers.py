@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fusion_core.errors import FusionError
-from fusion_core.solvers import emd, sinkhorn
+from fusion_core.solvers import emd, sinkhorn, solve
+from fusion_core.transport import apply_on_axis, as_permutation, out_map
 
 
 def planted_cost(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,3 +87,23 @@ def test_plans_stay_on_the_cost_device():
     cost = torch.rand(8, 8)
     assert emd(cost).device == cost.device and sinkhorn(cost, 0.1).device == cost.device
     assert isinstance(FusionError("x"), Exception)
+
+
+@pytest.mark.parametrize("solver", ["emd", "sinkhorn"])
+def test_a_batch_of_problems_equals_the_problems_one_by_one(solver):
+    gen = torch.Generator().manual_seed(6)
+    costs = torch.rand(4, 12, 9, generator=gen, dtype=torch.float64)
+    batched = solve(costs, solver, 0.05)
+    for cost, plan in zip(costs, batched, strict=True):
+        # both stop at the solver tolerance (1e-6 on the marginals), not at the same iterate
+        torch.testing.assert_close(plan, solve(cost, solver, 0.05), atol=1e-6, rtol=1e-4)
+
+
+def test_permutation_plans_are_applied_by_gathering():
+    plan = emd(planted_cost(16, seed=7)[0])
+    index = as_permutation(plan)
+    assert index is not None and as_permutation(sinkhorn(planted_cost(16)[0], 0.1)) is None
+    weights = torch.randn(5, 16, 3)
+    torch.testing.assert_close(
+        apply_on_axis(weights, 1, index), apply_on_axis(weights, 1, out_map(plan))
+    )
