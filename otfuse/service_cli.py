@@ -105,12 +105,15 @@ def worker(args: argparse.Namespace) -> int:
             "otfuse worker needs OTFUSE_REDIS_URL (the embedded `otfuse serve` runs its own)",
             EXIT_INPUT,
         )
-    from worker.celery_app import app
-
-    argv = ["worker", "-Q", "fusion", "-c", "1", "-P", "prefork", "-l", args.log_level]
+    # A fresh interpreter: `otfuse` itself has imported torch by now, and the worker's forking
+    # parent must not carry it (its pool child imports fusion_core and touches CUDA).
+    argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "fusion"]
+    argv += ["-c", "1", "-P", "prefork", "-l", args.log_level]
     argv += ["-n", args.name] if args.name else []
-    app.worker_main(argv)
-    return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+    return 0  # not reached
 
 
 def _client(args):
