@@ -20,9 +20,10 @@ from pathlib import Path
 
 from service.jobs import finish
 from service.models import DONE, JobSpec
+from service.problems import SpecError
 from service.storage import JOB_FILE, METRICS_FILE, StorageError, join
 from service.store import JobStore, now_iso
-from service.validation import fusion_spec
+from service.validation import check_spec, fusion_spec
 
 log = logging.getLogger("otfuse.worker")
 
@@ -240,7 +241,9 @@ class Run:
         import fusion_core
 
         transformers.utils.logging.disable_progress_bar()  # progress goes to the job record
-        spec = JobSpec.model_validate(job["spec"])
+        # Checked again with this worker's settings: its roots and buckets are what count
+        # here, and a path may have changed since submit (a swapped symlink).
+        spec = check_spec(JobSpec.model_validate(job["spec"]), self.settings)
         requested = spec.policy.device
         device = resolve_device(self.settings.device if requested == "auto" else requested)
         fspec = fusion_spec(spec, device)
@@ -362,6 +365,8 @@ class Run:
             return "cancelled"
         if isinstance(exc, JobFailed):
             error = (exc.kind, str(exc))
+        elif isinstance(exc, SpecError):
+            error = ("input_error", exc.detail)
         elif isinstance(exc, fusion_core.InputError):
             error = ("input_error", self._with_uris(str(exc)))
         elif isinstance(exc, fusion_core.FusionError):

@@ -114,6 +114,15 @@ def test_shutdown_puts_a_running_job_back_in_the_queue(env):
     assert run(env) == "succeeded"
 
 
+def test_worker_rechecks_uris_with_its_own_roots(env, tmp_path):
+    settings, store, storage, job_id = env
+    strict = settings.model_copy(update={"file_roots": [tmp_path / "elsewhere"]})
+    strict.__dict__.pop("roots", None)  # the cached property, computed for the new roots
+    assert pipeline.run_job(job_id, store, storage, strict) == "failed"
+    error = store.get(job_id)["error"]
+    assert error["type"] == "input_error" and error["message"].startswith("models.0: ")
+
+
 def test_celery_configuration():
     settings = Settings(redis_url="redis://h:6379/0", soft_time_limit=100, hard_time_limit=130)
     conf = make_celery(settings).conf
