@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+
+# Device for alignment and OT in the engine tests (CI: cpu; on a GPU host: cuda).
+DEVICE = os.environ.get("OTFUSE_TEST_DEVICE", "cpu")
 
 
 def tiny_bert(
@@ -190,6 +194,16 @@ def _layer_keys(state: dict, prefix: str, i: int) -> dict[str, str]:
             "query": base + "attention.self.query",
             "key": base + "attention.self.key",
             "value": base + "attention.self.value",
+            "attn_out": base + "attention.output.dense",
+            "fc1": base + "intermediate.dense",
+            "fc2": base + "output.dense",
+        }
+    base = f"{prefix}encoder.layer.{i}."  # ViT, transformers 4 module names
+    if f"{base}attention.attention.query.weight" in state:
+        return {
+            "query": base + "attention.attention.query",
+            "key": base + "attention.attention.key",
+            "value": base + "attention.attention.value",
             "attn_out": base + "attention.output.dense",
             "fc1": base + "intermediate.dense",
             "fc2": base + "output.dense",

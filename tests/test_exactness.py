@@ -4,7 +4,7 @@
 import pytest
 import torch
 import transformers
-from factories import image_data, permuted_copy, save, text_data, tiny_bert, tiny_vit
+from factories import DEVICE, image_data, permuted_copy, save, text_data, tiny_bert, tiny_vit
 from safetensors.torch import load_file
 
 from fusion_core import FusionSpec, fuse
@@ -51,7 +51,9 @@ def test_permuted_copies_fuse_back_to_the_original(
     assert len(moved) > 10  # the copy really is permuted
 
     out = tmp_path / "fused"
-    spec = FusionSpec(solver="emd", alignment=alignment, residual=residual, heads=heads)
+    spec = FusionSpec(
+        device=DEVICE, solver="emd", alignment=alignment, residual=residual, heads=heads
+    )
     fuse(folders, out, spec, data=data)
     fused = getattr(transformers, architecture).from_pretrained(str(out)).eval()
     torch.testing.assert_close(
@@ -70,7 +72,9 @@ def test_permuted_anchor_gives_the_permuted_function(tmp_path, anchor):
     fuse(
         folders,
         out,
-        FusionSpec(solver="emd", anchor=anchor, qk="free", residual="weighted-matrix"),
+        FusionSpec(
+            device=DEVICE, solver="emd", anchor=anchor, qk="free", residual="weighted-matrix"
+        ),
         data=data,
     )
     fused = transformers.ViTForImageClassification.from_pretrained(str(out)).eval()
@@ -92,7 +96,9 @@ def test_shared_stream_keeps_an_aligned_model_s_function(tmp_path, alignment):
     folders = [save(anchor, tmp_path / "a"), save(other, tmp_path / "b")]
     data = image_data(tmp_path / "data.safetensors")
     out = tmp_path / "fused"
-    spec = FusionSpec(solver="emd", alignment=alignment, residual="shared", weights=(0.0, 1.0))
+    spec = FusionSpec(
+        device=DEVICE, solver="emd", alignment=alignment, residual="shared", weights=(0.0, 1.0)
+    )
     fuse(folders, out, spec, data=data)
     fused = transformers.ViTForImageClassification.from_pretrained(str(out)).eval()
     torch.testing.assert_close(_outputs(fused, data), _outputs(other, data), atol=1e-4, rtol=1e-4)

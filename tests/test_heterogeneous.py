@@ -3,7 +3,7 @@
 import pytest
 import torch
 import transformers
-from factories import image_data, save, text_data, tiny_bert, tiny_vit
+from factories import DEVICE, image_data, save, text_data, tiny_bert, tiny_vit
 from safetensors.torch import load_file
 
 from fusion_core import FusionSpec, fuse
@@ -22,7 +22,12 @@ def test_vit_of_another_width_fuses_into_the_anchor_shapes(
     folders = [save(anchor, tmp_path / "a"), save(other, tmp_path / "b")]
     data = image_data(tmp_path / "d.safetensors")
     out = tmp_path / "fused"
-    fuse(folders, out, FusionSpec(alignment=alignment, solver=solver, residual=residual), data=data)
+    fuse(
+        folders,
+        out,
+        FusionSpec(device=DEVICE, alignment=alignment, solver=solver, residual=residual),
+        data=data,
+    )
     fused = transformers.ViTForImageClassification.from_pretrained(str(out)).eval()
     assert fused.config.hidden_size == anchor_hidden
     for key, tensor in fused.state_dict().items():
@@ -36,7 +41,7 @@ def test_bert_mlm_of_another_width(tmp_path):
     other = tiny_bert("BertForMaskedLM", hidden=32, intermediate=48, seed=2)
     folders = [save(anchor, tmp_path / "a"), save(other, tmp_path / "b")]
     data = text_data(tmp_path / "d.safetensors", labels=False)
-    fuse(folders, tmp_path / "fused", FusionSpec(alignment="activations"), data=data)
+    fuse(folders, tmp_path / "fused", FusionSpec(device=DEVICE, alignment="activations"), data=data)
     fused = transformers.BertForMaskedLM.from_pretrained(str(tmp_path / "fused")).eval()
     batch = load_file(str(data))
     assert bool(torch.isfinite(fused(**batch).logits).all())

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from factories import image_data, save, text_data, tiny_bert, tiny_vit
+from factories import DEVICE, image_data, save, text_data, tiny_bert, tiny_vit
 from safetensors.torch import load_file
 
 from fusion_core import FusionSpec, fuse
@@ -20,7 +20,12 @@ def test_self_fusion_is_identity(tmp_path, residual, solver, family):
     out = tmp_path / "fused"
     # Sinkhorn recovers the identity only when the regularizer is small next to the gap
     # between a neuron's zero self-distance and its distance to any other neuron.
-    fuse([folder, folder], out, FusionSpec(solver=solver, reg=0.002, residual=residual), data=data)
+    fuse(
+        [folder, folder],
+        out,
+        FusionSpec(device=DEVICE, solver=solver, reg=0.002, residual=residual),
+        data=data,
+    )
     fused, original = (
         load_file(str(out / "model.safetensors")),
         load_file(str(folder / "model.safetensors")),
@@ -34,7 +39,7 @@ def test_vanilla_fusion_is_the_plain_average(tmp_path):
     a, b = tiny_bert(seed=1), tiny_bert(seed=2)
     folders = [save(a, tmp_path / "a"), save(b, tmp_path / "b")]
     out = tmp_path / "fused"
-    fuse(folders, out, FusionSpec(method="vanilla", weights=(3.0, 1.0)))
+    fuse(folders, out, FusionSpec(device=DEVICE, method="vanilla", weights=(3.0, 1.0)))
     fused = load_file(str(out / "model.safetensors"))
     sa, sb = a.state_dict(), b.state_dict()
     for key, tensor in fused.items():
