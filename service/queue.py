@@ -38,6 +38,10 @@ def make_celery(settings):
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_concurrency=1,  # one process per GPU: run one worker container per GPU
+        # Each pool child imports torch and fusion_core at start (worker_process_init): on a
+        # busy host that takes longer than Celery's 4 s default, and the child would be killed
+        # and respawned forever.
+        worker_proc_alive_timeout=120,
         task_soft_time_limit=settings.soft_time_limit,
         task_time_limit=settings.hard_time_limit,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},

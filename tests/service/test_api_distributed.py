@@ -101,6 +101,18 @@ def wait_done(client, job_id, timeout=60) -> dict:
     return wait_for(done, timeout, f"job {job_id} to end")
 
 
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the field after the state is the parent's pid
+            found.append(int(stat.parent.name))
+    return found
+
+
 def keys(s3, bucket, prefix) -> list[str]:
     listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix)
     return sorted(o["Key"] for o in listing.get("Contents", []))
@@ -188,12 +200,10 @@ def test_killed_worker_job_is_redelivered_and_written_once(api, stack):
         return current["stage"] == "aligning"
 
     wait_for(running, 30, "the job to run")
-    children = subprocess.run(
-        ["pgrep", "-P", str(stack["proc"].pid)], capture_output=True, text=True
-    ).stdout.split()
+    children = children_of(stack["proc"].pid)
     assert children, "no worker child process"
     for pid in children:  # the pool child that runs the job: killed as by the OOM killer
-        os.kill(int(pid), signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
     final = wait_done(api, job["id"], timeout=90)
     assert final["status"] == "succeeded", final
     assert final["attempts"] == 2

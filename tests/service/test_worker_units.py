@@ -130,6 +130,7 @@ def test_celery_configuration():
     assert conf.task_default_queue == QUEUE_NAME == "fusion"
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1 and conf.worker_concurrency == 1
+    assert conf.worker_proc_alive_timeout >= 60  # children import torch before saying UP
     assert (conf.task_soft_time_limit, conf.task_time_limit) == (100, 130)
     assert conf.broker_transport_options["visibility_timeout"] > 130
     with pytest.raises(ValueError, match="HARD_TIME_LIMIT"):
