@@ -150,3 +150,13 @@ def test_worker_parent_does_not_import_torch():
         cwd=Path(__file__).resolve().parents[2],
     )
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_job_spec_defaults_match_fusion_core():
+    """The API's defaults are explicit in its contract; they follow fusion_core's. When
+    FusionSpec's defaults change, change service/models.py (and openapi.yaml) with them."""
+    from fusion_core import FusionSpec
+    from service.validation import fusion_spec
+
+    ours = fusion_spec(JobSpec(models=["file:///a/", "file:///b/"]), "cpu")
+    assert ours == FusionSpec()
