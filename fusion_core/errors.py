@@ -6,7 +6,14 @@ class FusionError(Exception):
 
 
 class InputError(FusionError):
-    """A checkpoint, data file or option is unusable (bad file, wrong shapes, bad flags)."""
+    """A checkpoint, data file or option is unusable (bad file, wrong shapes, bad flags).
+
+    `field` names the recipe field at fault when there is one ("reg", "anchor"), so a
+    caller with its own names for the fields (the HTTP API) can point at them."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class IncompatibleModelsError(InputError):

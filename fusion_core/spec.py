@@ -49,24 +49,35 @@ class FusionSpec:
         _choice("qk", self.qk, QK_MODES)
         _choice("heads", self.heads, HEAD_MODES)
         if self.filter not in ("all", "cls") and not _WINDOW.match(self.filter):
-            raise InputError(f"--filter must be all, cls or window-N, not {self.filter!r}")
+            raise InputError(
+                f"--filter must be all, cls or window-N, not {self.filter!r}", field="filter"
+            )
         if num_models < 2:
-            raise InputError(f"need at least 2 models to fuse, got {num_models}")
+            raise InputError(f"need at least 2 models to fuse, got {num_models}", field="models")
         if not 0 <= self.anchor < num_models:
-            raise InputError(f"--anchor {self.anchor} is out of range for {num_models} models")
+            raise InputError(
+                f"--anchor {self.anchor} is out of range for {num_models} models", field="anchor"
+            )
         if self.solver == "sinkhorn" and not (math.isfinite(self.reg) and self.reg > 0):
-            raise InputError(f"--reg must be a positive number for Sinkhorn, not {self.reg}")
+            raise InputError(
+                f"--reg must be a positive number for Sinkhorn, not {self.reg}", field="reg"
+            )
         if self.weights is not None:
             if len(self.weights) != num_models:
                 raise InputError(
-                    f"--weights has {len(self.weights)} values for {num_models} models"
+                    f"--weights has {len(self.weights)} values for {num_models} models",
+                    field="weights",
                 )
             if any(not math.isfinite(w) or w < 0 for w in self.weights) or sum(self.weights) <= 0:
-                raise InputError("--weights must be non-negative numbers with a positive sum")
+                raise InputError(
+                    "--weights must be non-negative numbers with a positive sum", field="weights"
+                )
         if self.samples < 1 or self.max_tokens < 1:
-            raise InputError("--samples must be at least 1")
+            raise InputError("--samples must be at least 1", field="samples")
         if not re.match(r"^(cpu|cuda(:\d+)?|mps)$", self.device):
-            raise InputError(f"--device must be cpu or cuda[:N], not {self.device!r}")
+            raise InputError(
+                f"--device must be cpu or cuda[:N], not {self.device!r}", field="device"
+            )
         return self
 
     @property
@@ -91,4 +102,4 @@ class FusionSpec:
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise InputError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
+        raise InputError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}", field=name)

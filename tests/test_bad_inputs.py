@@ -194,3 +194,22 @@ def test_legacy_names_still_fuse(tmp_path, capsys):
     key = "embeddings.LayerNorm.weight"
     expected = 0.5 * (a.state_dict()[key] + b.state_dict()[key])
     torch.testing.assert_close(fused[key], expected)
+
+
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        ({"reg": -1.0}, "reg"),
+        ({"anchor": 3}, "anchor"),
+        ({"heads": "x"}, "heads"),
+        ({"weights": (1.0,)}, "weights"),
+        ({"filter": "w"}, "filter"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_recipe_errors_name_their_field(changes, field):
+    from fusion_core import FusionSpec, InputError
+
+    with pytest.raises(InputError) as error:
+        FusionSpec(**changes).validate(2)
+    assert error.value.field == field
