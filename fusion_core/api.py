@@ -33,6 +33,21 @@ class FusionReport:
     models: list[str]
     seconds: float
     plans: list[PlanRecord] = field(default_factory=list)
+    # With keep_plans: "model<i>/<space>" -> the solved plan (n_model, n_anchor), on CPU.
+    transport_maps: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class Prepared:
+    """What a fusion needs that does not depend on the solver or its regularizer: the opened
+    parents, the flow graph and the activations. A sweep prepares once, fuses many times."""
+
+    parents: list[ParentModel]
+    nodes: list
+    spec: FusionSpec
+    data: Path | None
+    activations: dict | None
+    seconds: float
 
 
 def fuse(
@@ -51,10 +66,23 @@ def fuse(
     weighted residual policies. `metrics` (one-shot results known to the caller) go into the
     model card and fusion.json.
     """
-    started = time.perf_counter()
     spec = (spec or FusionSpec()).validate(len(model_dirs))
     out = Path(out)
     check_output_dir(out)
+    prepared = prepare(model_dirs, spec, data, progress, allow_pickle)
+    return fuse_prepared(prepared, out, prepared.spec, progress, should_cancel, metrics)
+
+
+def prepare(
+    model_dirs: list[str | Path],
+    spec: FusionSpec | None = None,
+    data: str | Path | None = None,
+    progress: ProgressCallback | None = None,
+    allow_pickle: bool = False,
+) -> Prepared:
+    """Open and check the parents and collect the activations `spec` needs (once)."""
+    started = time.perf_counter()
+    spec = (spec or FusionSpec()).validate(len(model_dirs))
     report = progress or (lambda _p: None)
     parents = [open_parent(i, path, allow_pickle) for i, path in enumerate(model_dirs)]
     anchor = parents[spec.anchor]
@@ -68,13 +96,68 @@ def fuse(
                 f"alignment={spec.alignment}, residual={spec.residual} needs --data (activations)"
             )
         activations = _activations(parents, anchor, [n for _, n in nodes], spec, data, report)
-
-    engine = Engine(parents, spec.anchor, nodes, spec, activations, report, should_cancel)
-    result = engine.run()
     seconds = time.perf_counter() - started
-    record = fusion_record(parents, anchor, spec, data, seconds, result.plans, metrics)
+    return Prepared(parents, nodes, spec, Path(data) if data else None, activations, seconds)
+
+
+def fuse_prepared(
+    prepared: Prepared,
+    out: str | Path,
+    spec: FusionSpec | None = None,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    metrics: dict | None = None,
+    keep_plans: bool = False,
+) -> FusionReport:
+    """Fuse prepared parents with `spec` (default: the prepared one). It may differ from the
+    prepared spec in what activations do not depend on: method, solver, reg, qk, heads,
+    weights; anything else raises InputError."""
+    started = time.perf_counter()
+    spec = (spec or prepared.spec).validate(len(prepared.parents))
+    if spec.anchor != prepared.spec.anchor or (
+        spec.needs_activations
+        and (
+            prepared.activations is None or _activation_key(spec) != _activation_key(prepared.spec)
+        )
+    ):
+        raise InputError("the spec differs from the prepared one in what activations depend on")
+    out = Path(out)
+    check_output_dir(out)
+    report = progress or (lambda _p: None)
+    parents = prepared.parents
+    anchor = parents[spec.anchor]
+    engine = Engine(
+        parents, spec.anchor, prepared.nodes, spec, prepared.activations, report, should_cancel
+    )
+    result = engine.run()
+    seconds = time.perf_counter() - started + prepared.seconds
+    record = fusion_record(parents, anchor, spec, prepared.data, seconds, result.plans, metrics)
     write_checkpoint(out, anchor, result.tensors, record, model_card(record))
-    return FusionReport(out, spec, [str(p.path) for p in parents], seconds, result.plans)
+    maps = _record_plans(engine) if keep_plans else None
+    return FusionReport(out, spec, [str(p.path) for p in parents], seconds, result.plans, maps)
+
+
+def _activation_key(spec: FusionSpec) -> tuple:
+    return (
+        spec.alignment,
+        spec.residual,
+        spec.filter,
+        spec.samples,
+        spec.max_tokens,
+        spec.device,
+    )
+
+
+def _record_plans(engine: Engine) -> dict[str, torch.Tensor]:
+    """The plan behind each diagnostics record, keyed "model<i>/<record space>"."""
+    maps = {}
+    stream = sorted(engine.stream)
+    for record in engine.records:
+        space = stream[0] if record.space == "stream" else record.space.split("+")[0]
+        plan = engine.plans[record.model].get(space)
+        if plan is not None:
+            maps[f"model{record.model}/{record.space}"] = plan.detach().float().cpu()
+    return maps
 
 
 def _activations(

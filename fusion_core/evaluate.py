@@ -1,12 +1,16 @@
-"""One-shot metrics of a checkpoint folder on a data file."""
+"""One-shot metrics of a checkpoint folder on a data file.
+
+Metrics are computed from per-example scores (`Scores`) so that an ensemble (the mean of
+several models' probabilities) is scored by exactly the same code as a single model.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .activations import load_live_model
 from .checkpoint import open_checkpoint
@@ -31,54 +35,123 @@ def mask_tokens(
     return torch.where(chosen, torch.full_like(input_ids, mask_id), input_ids), labels
 
 
-def evaluate(
-    model_dir: str | Path, data_file: str | Path, device: str = "cpu", batch_size: int = 64
-) -> dict[str, float]:
-    """Classifiers: accuracy and mean cross-entropy. MLM: loss and perplexity over masked
-    tokens (the file's labels, or seeded masking when it has none)."""
+@dataclass
+class EvalSet:
+    """A data file ready to score: inputs plus labels (seeded masks for MLM without labels)."""
+
+    task: str  # "classification" | "masked-lm"
+    data: dict[str, torch.Tensor]
+    path: Path
+
+
+@dataclass
+class Scores:
+    """Per scored example (classifier) or masked token (MLM): the log-probability of the
+    label, and for classifiers the full probabilities (for accuracy and ensembling)."""
+
+    label_log_prob: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,)
+    probs: torch.Tensor | None = None  # (N, classes), classifiers only
+
+
+def task_of(architecture: str) -> str:
+    if architecture.endswith("ForMaskedLM"):
+        return "masked-lm"
+    if "Classification" in architecture:
+        return "classification"
+    raise InputError(f"{architecture} has no task head to evaluate")
+
+
+def load_eval_set(model_dir: str | Path, data_file: str | Path) -> EvalSet:
+    """Read `data_file` for the model family of `model_dir` (labels checked; MLM masking
+    seeded, so every model of a job is scored on the same masked tokens)."""
     checkpoint = open_checkpoint(model_dir)
     family, architecture = resolve_family(checkpoint.config, where=f"{model_dir}: ")
+    try:
+        task = task_of(architecture)
+    except InputError as exc:
+        raise InputError(f"{model_dir}: {exc}") from exc
     data = load_data(data_file, family)
-    model = load_live_model(Path(model_dir), architecture, device)
-    is_mlm = architecture.endswith("ForMaskedLM")
-    is_classifier = "Classification" in architecture
-    if not (is_mlm or is_classifier):
-        raise InputError(f"{model_dir}: {architecture} has no task head to evaluate")
-    if is_classifier and LABELS not in data:
+    if task == "classification" and LABELS not in data:
         raise InputError(f"{data_file}: a classifier is evaluated against 'labels'; none found")
-    if is_mlm and LABELS not in data:
+    if task == "masked-lm" and LABELS not in data:
         mask_id = checkpoint.config.get("mask_token_id") or _mask_token_id(Path(model_dir))
         data = dict(data)
         data["input_ids"], data[LABELS] = mask_tokens(
             data["input_ids"], data.get("attention_mask"), mask_id
         )
+    return EvalSet(task, data, Path(data_file))
 
-    loss_sum, correct, count = 0.0, 0, 0
-    with torch.no_grad():
-        for batch in batches(data, batch_size):
-            labels = batch.pop(LABELS).to(device)
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
-            if is_mlm:
-                flat = labels.reshape(-1)
-                loss_sum += float(
-                    F.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]),
-                        flat,
-                        ignore_index=IGNORE,
-                        reduction="sum",
-                    )
-                )
-                count += int((flat != IGNORE).sum())
-            else:
-                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-                correct += int((logits.argmax(-1) == labels).sum())
-                count += labels.shape[0]
+
+def model_scores(
+    model: torch.nn.Module | str | Path,
+    eval_set: EvalSet,
+    device: str = "cpu",
+    batch_size: int = 64,
+) -> Scores:
+    """Run a model (live, or a checkpoint folder) over an EvalSet."""
+    if not isinstance(model, torch.nn.Module):
+        checkpoint = open_checkpoint(model)
+        _, architecture = resolve_family(checkpoint.config, where=f"{model}: ")
+        model = load_live_model(Path(model), architecture, device)
+    was_training = model.training
+    model.eval()
+    label_lp, labels_all, probs = [], [], []
+    try:
+        with torch.no_grad():
+            for batch in batches(eval_set.data, batch_size):
+                labels = batch.pop(LABELS).to(device)
+                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+                if eval_set.task == "masked-lm":
+                    keep = labels.reshape(-1) != IGNORE
+                    rows = logits.reshape(-1, logits.shape[-1])[keep].log_softmax(-1)
+                    targets = labels.reshape(-1)[keep]
+                else:
+                    rows = logits.log_softmax(-1)
+                    targets = labels
+                    probs.append(rows.exp().cpu())
+                label_lp.append(rows.gather(1, targets[:, None])[:, 0].cpu())
+                labels_all.append(targets.cpu())
+    finally:
+        model.train(was_training)
+    return Scores(torch.cat(label_lp), torch.cat(labels_all), torch.cat(probs) if probs else None)
+
+
+def metrics_from_scores(scores: Scores, task: str) -> dict[str, float]:
+    """Classifiers: accuracy and mean cross-entropy. MLM: mean loss over masked tokens and
+    its perplexity."""
+    count = int(scores.labels.numel())
     if count == 0:
-        raise InputError(f"{data_file}: nothing to score (no labelled tokens)")
-    loss = loss_sum / count
-    if is_mlm:
+        raise InputError("nothing to score (no labelled tokens)")
+    loss = float(-scores.label_log_prob.double().mean())
+    if task == "masked-lm":
         return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count}
+    assert scores.probs is not None
+    correct = int((scores.probs.argmax(-1) == scores.labels).sum())
     return {"accuracy": correct / count, "loss": loss, "examples": count}
+
+
+def ensemble_scores(members: list[Scores]) -> Scores:
+    """The ensemble's prediction: the mean of the members' probabilities."""
+    if not members:
+        raise InputError("an ensemble needs at least one model")
+    label_prob = torch.stack([s.label_log_prob.double().exp() for s in members]).mean(0)
+    probs = None
+    if members[0].probs is not None:
+        probs = torch.stack([s.probs for s in members]).mean(0)
+    return Scores(label_prob.clamp_min(1e-300).log(), members[0].labels, probs)
+
+
+def evaluate(
+    model_dir: str | Path, data_file: str | Path, device: str = "cpu", batch_size: int = 64
+) -> dict[str, float]:
+    """Classifiers: accuracy and mean cross-entropy. MLM: loss and perplexity over masked
+    tokens (the file's labels, or seeded masking when it has none)."""
+    eval_set = load_eval_set(model_dir, data_file)
+    scores = model_scores(model_dir, eval_set, device, batch_size)
+    if scores.labels.numel() == 0:
+        raise InputError(f"{data_file}: nothing to score (no labelled tokens)")
+    return metrics_from_scores(scores, eval_set.task)
 
 
 def _mask_token_id(model_dir: Path) -> int:

@@ -27,6 +27,34 @@ def _float_or_fail(value: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from exc
 
 
+def _reg_or_fail(value: str) -> float | str:
+    """A plain number stays a number (validated with the spec); anything else is a sweep."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    from fusion_core import InputError
+    from fusion_core.sweep import parse_regs
+
+    try:
+        parse_regs(value)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return value
+
+
+JOB_FLAGS = (
+    "eval_data",
+    "calib_data",
+    "finetune_data",
+    "finetune_steps",
+    "finetune_epochs",
+    "finetune_seconds",
+    "save_transport_maps",
+    "report",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="otfuse",
@@ -68,9 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fuse.add_argument(
         "--reg",
-        type=_float_or_fail,
+        type=_reg_or_fail,
         default=0.05,
-        help="Sinkhorn regularizer on the max-normalized cost (default 0.05; smaller is harder)",
+        metavar="FLOAT|LIST|auto",
+        help="Sinkhorn regularizer on the max-normalized cost (default 0.05; smaller is "
+        "harder). A comma-separated list (numbers and/or emd) or auto (EMD and Sinkhorn "
+        "0.01..0.3, 5 log-spaced values) sweeps: one fusion per value, the best one-shot on "
+        "--calib-data is kept",
     )
     fuse.add_argument(
         "--residual",
@@ -139,6 +171,68 @@ def build_parser() -> argparse.ArgumentParser:
         help="also read legacy .bin checkpoints with torch's weights_only loader "
         "(off by default: safetensors only)",
     )
+    job = fuse.add_argument_group(
+        "evaluate, sweep, finetune",
+        "Any of these makes `fuse` a full job: --out then also holds metrics.json (and "
+        "report.html, transport_maps.safetensors when asked); see docs/evaluation.md.",
+    )
+    job.add_argument(
+        "--eval-data",
+        type=Path,
+        metavar="FILE",
+        help="labelled inputs on which parents, their ensemble, vanilla fusion, the fused "
+        "model (and finetuned models) are compared",
+    )
+    job.add_argument(
+        "--calib-data",
+        type=Path,
+        metavar="FILE",
+        help="held-out labelled inputs on which a --reg sweep picks its value (default: "
+        "--data); must differ from --eval-data",
+    )
+    job.add_argument(
+        "--finetune-data",
+        type=Path,
+        metavar="FILE",
+        help="labelled inputs to finetune the fused model on (then --out holds the "
+        "finetuned model)",
+    )
+    job.add_argument("--finetune-steps", type=int, metavar="N", help="finetune budget: steps")
+    job.add_argument(
+        "--finetune-epochs",
+        type=_float_or_fail,
+        metavar="E",
+        help="finetune budget: epochs over --finetune-data (default 1 when no budget is given)",
+    )
+    job.add_argument(
+        "--finetune-seconds",
+        type=_float_or_fail,
+        metavar="S",
+        help="finetune budget: wall seconds (the first budget reached stops the finetune)",
+    )
+    job.add_argument(
+        "--finetune-baselines",
+        nargs="*",
+        choices=("vanilla",),
+        default=[],
+        metavar="vanilla",
+        help="also finetune vanilla fusion with the same budget, for comparison",
+    )
+    job.add_argument(
+        "--lr", type=_float_or_fail, default=1e-4, help="finetune peak learning rate (1e-4)"
+    )
+    job.add_argument("--batch-size", type=int, default=32, help="finetune batch size (32)")
+    job.add_argument(
+        "--save-transport-maps",
+        action="store_true",
+        help="write the per-layer plans to --out/transport_maps.safetensors",
+    )
+    job.add_argument(
+        "--report",
+        action="store_true",
+        help="write --out/report.html (plots inlined: baselines, metric vs regularizer, "
+        "finetune curves, transport-map heatmaps)",
+    )
     fuse.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     evaluate = commands.add_parser(
@@ -178,11 +272,12 @@ def _progress_printer(quiet: bool):
 def _fuse(args: argparse.Namespace) -> int:
     from fusion_core import FusionSpec, fuse
 
+    sweep = isinstance(args.reg, str)
     spec = FusionSpec(
         method=args.method,
         alignment=args.alignment,
         solver=args.solver,
-        reg=args.reg,
+        reg=0.05 if sweep else args.reg,
         residual=args.residual,
         filter=args.filter,
         qk=args.qk,
@@ -192,6 +287,12 @@ def _fuse(args: argparse.Namespace) -> int:
         samples=args.samples,
         device=args.device,
     )
+    if (
+        sweep
+        or args.finetune_baselines
+        or any(getattr(args, f) not in (None, False) for f in JOB_FLAGS)
+    ):
+        return _fuse_job(args, spec)
     report = fuse(
         args.models,
         args.out,
@@ -206,6 +307,75 @@ def _fuse(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _fuse_job(args: argparse.Namespace, spec) -> int:
+    import transformers
+
+    from fusion_core import InputError
+    from fusion_core.finetune import FinetuneConfig
+    from fusion_core.job import fuse_job
+
+    transformers.utils.logging.disable_progress_bar()
+    if args.method != "ot":
+        raise InputError("evaluation, sweep and finetune flags need --method ot")
+    budget = (args.finetune_steps, args.finetune_epochs, args.finetune_seconds)
+    finetune = None
+    if args.finetune_data is not None or any(v is not None for v in budget):
+        finetune = FinetuneConfig(
+            steps=args.finetune_steps,
+            epochs=args.finetune_epochs,
+            seconds=args.finetune_seconds,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+    show = _progress_printer(args.quiet)
+    result = fuse_job(
+        args.models,
+        args.out,
+        spec,
+        regs=args.reg if isinstance(args.reg, str) else None,
+        data=args.data,
+        eval_data=args.eval_data,
+        calib_data=args.calib_data,
+        finetune_config=finetune,
+        finetune_data=args.finetune_data,
+        finetune_baselines=args.finetune_baselines,
+        save_maps=args.save_transport_maps,
+        report=args.report,
+        progress=show,
+        stage=lambda name: show(_Stage(name)),
+        allow_pickle=args.allow_weights_only_pickle,
+    )
+    if not args.quiet:
+        print(_summary(result.metrics), file=sys.stderr)
+        print(f"wrote {result.out} ({', '.join(sorted(result.artifacts))})", file=sys.stderr)
+    return 0
+
+
+class _Stage:
+    def __init__(self, name: str) -> None:
+        self.detail = f"stage: {name}"
+
+
+def _summary(metrics: dict) -> str:
+    """The evaluation table, as the model card shows it, for stderr."""
+    lines = []
+    sweep = metrics.get("sweep")
+    if sweep:
+        chosen = sweep["chosen"]
+        what = "emd" if chosen["solver"] == "emd" else f"sinkhorn reg={chosen['reg']:g}"
+        lines.append(f"chosen on calibration data by {sweep['metric']}: {what}")
+    for row in metrics.get("evaluation", []):
+        if row.get("skipped"):
+            lines.append(f"  {row['name']:<18} skipped ({row['skipped']})")
+        else:
+            values = ", ".join(
+                f"{k} {v:.4f}" for k, v in row["metrics"].items() if isinstance(v, float)
+            )
+            lines.append(f"  {row['name']:<18} {values}")
+    return "\n".join(lines)
 
 
 def _eval(args: argparse.Namespace) -> int:

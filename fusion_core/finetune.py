@@ -1,0 +1,266 @@
+"""A short, budgeted finetune that heals a fused model (paper sec. 5.2, app. E).
+
+AdamW with linear warmup then cosine decay to zero. The budget is steps, epochs or seconds,
+whichever runs out first; the schedule follows the budget's progress
+t = max(step / planned steps, elapsed / seconds), so a time budget gets a full schedule too.
+bf16 autocast on CUDA only (CPU runs in fp32). The result is written atomically as an HF
+folder; a cancelled or failed finetune writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .activations import load_live_model
+from .checkpoint import open_checkpoint
+from .data import LABELS, load_data
+from .engine import Progress
+from .errors import CancelledError, InputError
+from .evaluate import IGNORE, _mask_token_id, mask_tokens, task_of
+from .families import resolve_family
+from .metrics import FinetuneRun
+from .writer import ANCHOR_SIDE_FILES, check_output_dir
+
+MAX_CURVE_POINTS = 500
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int | None = None
+    epochs: float | None = None
+    seconds: float | None = None
+    lr: float = 1e-4
+    batch_size: int = 32
+    warmup: float = 0.1  # fraction of the budget spent warming up linearly
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> FinetuneConfig:
+        if self.steps is None and self.epochs is None and self.seconds is None:
+            return FinetuneConfig(**{**asdict(self), "epochs": 1.0}).validate()
+        if self.steps is not None and self.steps < 1:
+            raise InputError(f"--finetune-steps must be at least 1, not {self.steps}")
+        for name in ("epochs", "seconds"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise InputError(f"--finetune-{name} must be a positive number, not {value}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise InputError(f"--lr must be in (0, 1], not {self.lr}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if not 0 <= self.warmup < 1:
+            raise InputError(f"warmup must be a fraction in [0, 1), not {self.warmup}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    run: FinetuneRun
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+
+def lr_factor(t: float, warmup: float) -> float:
+    """Linear warmup over [0, warmup), then cosine from 1 to 0 over [warmup, 1]."""
+    if t < warmup:
+        return (t / warmup) if warmup > 0 else 1.0
+    progress = min(1.0, (t - warmup) / max(1e-12, 1 - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def finetune(
+    model_dir: str | Path,
+    data_file: str | Path,
+    out: str | Path,
+    config: FinetuneConfig | None = None,
+    name: str = "fused",
+    progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> FinetuneResult:
+    """Finetune the checkpoint at `model_dir` on `data_file` (labels for classifiers; MLM
+    data without labels is masked afresh each step) and write it to `out` atomically."""
+    config = (config or FinetuneConfig()).validate()
+    out = Path(out)
+    check_output_dir(out)
+    report = progress or (lambda _p: None)
+    cancelled = should_cancel or (lambda: False)
+    model_dir = Path(model_dir)
+    checkpoint = open_checkpoint(model_dir)
+    family, architecture = resolve_family(checkpoint.config, where=f"{model_dir}: ")
+    task = task_of(architecture)
+    data = load_data(data_file, family)
+    if task == "classification" and LABELS not in data:
+        raise InputError(f"{data_file}: finetuning a classifier needs 'labels'; none found")
+    mask_id = None
+    if task == "masked-lm" and LABELS not in data:
+        mask_id = checkpoint.config.get("mask_token_id") or _mask_token_id(model_dir)
+
+    device = torch.device(config.device)
+    model = load_live_model(model_dir, architecture, config.device)
+    model.train()
+    count = next(iter(data.values())).shape[0]
+    batch_size = min(config.batch_size, count)
+    per_epoch = math.ceil(count / batch_size)
+    planned = [v for v in (config.steps, _epoch_steps(config.epochs, per_epoch)) if v]
+    max_steps = min(planned) if planned else None
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+    )
+    use_bf16 = device.type == "cuda"
+    gen = torch.Generator().manual_seed(config.seed)
+    losses: list[tuple[int, float]] = []
+    lrs: list[tuple[int, float]] = []
+    step, stopped_by = 0, ""
+    started = time.perf_counter()
+    order = torch.randperm(count, generator=gen)
+    cursor = 0
+
+    def budget_used() -> float:
+        used = step / max_steps if max_steps else 0.0
+        if config.seconds:
+            used = max(used, (time.perf_counter() - started) / config.seconds)
+        return used
+
+    while True:
+        t = budget_used()
+        if t >= 1.0 or (max_steps is not None and step >= max_steps):
+            if max_steps is not None and step >= max_steps:
+                by_steps = config.steps is not None and step >= config.steps
+                stopped_by = "steps" if by_steps else "epochs"
+            else:
+                stopped_by = "seconds"
+            break
+        if cancelled():
+            raise CancelledError(f"finetune of the {name} model cancelled at step {step}")
+        if cursor >= count:
+            order, cursor = torch.randperm(count, generator=gen), 0
+        idx = order[cursor : cursor + batch_size]
+        cursor += batch_size
+        batch = {k: v[idx] for k, v in data.items()}
+        if mask_id is not None:
+            batch["input_ids"], batch[LABELS] = mask_tokens(
+                batch["input_ids"], batch.get("attention_mask"), mask_id, seed=config.seed + step
+            )
+        lr = config.lr * lr_factor(t, config.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        labels = batch.pop(LABELS).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        loss = _loss(logits.float(), labels, task)
+        if not torch.isfinite(loss):
+            raise InputError(f"finetune of the {name} model diverged at step {step} (loss {loss})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        step += 1
+        value = float(loss.detach())
+        losses.append((step, value))
+        lrs.append((step, lr))
+        total = max_steps or max(step, round(step / max(budget_used(), 1e-9)))
+        report(Progress(step, total, f"finetune {name}: step {step}/{total}, loss {value:.4f}"))
+
+    seconds = time.perf_counter() - started
+    model.eval()
+    run = FinetuneRun(
+        name,
+        step,
+        round(step * batch_size / count, 4),
+        round(seconds, 3),
+        stopped_by,
+        _thin(losses),
+        _thin(lrs),
+    )
+    if cancelled():
+        raise CancelledError(f"finetune of the {name} model cancelled")
+    _write(model, model_dir, out, run, config)
+    return FinetuneResult(out, run, losses)
+
+
+def _epoch_steps(epochs: float | None, per_epoch: int) -> int | None:
+    return max(1, math.ceil(epochs * per_epoch)) if epochs else None
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "masked-lm":
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE
+        )
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+def _thin(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """At most MAX_CURVE_POINTS points, the last one kept."""
+    if len(curve) <= MAX_CURVE_POINTS:
+        return list(curve)
+    stride = math.ceil(len(curve) / MAX_CURVE_POINTS)
+    thinned = curve[::stride]
+    if thinned[-1] != curve[-1]:
+        thinned.append(curve[-1])
+    return thinned
+
+
+def _write(
+    model: torch.nn.Module, source: Path, out: Path, run: FinetuneRun, config: FinetuneConfig
+) -> None:
+    """save_pretrained into a temporary folder beside `out`, then rename it into place."""
+    check_output_dir(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        model.to("cpu").save_pretrained(str(tmp), safe_serialization=True)
+        for name in ANCHOR_SIDE_FILES:
+            if (source / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(source / name, tmp / name)
+        record_file = source / "fusion.json"
+        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+        record["finetune"] = {"config": config.to_dict(), **_run_summary(run)}
+        (tmp / "fusion.json").write_text(json.dumps(record, indent=2) + "\n")
+        card = (source / "README.md").read_text() if (source / "README.md").is_file() else ""
+        card += (
+            "\n## Finetune\n"
+            f"Finetuned for {run.steps} steps ({run.epochs:g} epochs, {run.seconds:.1f} s, "
+            f"stopped by the {run.stopped_by} budget) with AdamW, lr {config.lr:g}, "
+            f"batch size {config.batch_size}, warmup {config.warmup:g} then cosine.\n"
+        )
+        (tmp / "README.md").write_text(card)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _run_summary(run: FinetuneRun) -> dict:
+    return {
+        "steps": run.steps,
+        "epochs": run.epochs,
+        "seconds": run.seconds,
+        "stopped_by": run.stopped_by,
+        "final_loss": run.losses[-1][1] if run.losses else None,
+    }

@@ -1,0 +1,323 @@
+"""A whole fusion job: sweep -> baselines -> finetune -> artifacts, published atomically.
+
+    fuse_job(models, out, spec, regs="auto", data=calib, eval_data=test, calib_data=calib,
+             finetune=FinetuneConfig(steps=200, lr=1e-3), finetune_data=train,
+             finetune_baselines=("vanilla",), save_transport_maps=True, report=True)
+
+`out` receives one HF checkpoint folder: the chosen one-shot OT fusion, or its finetuned
+version when a finetune is asked, plus `metrics.json`, optionally `transport_maps.safetensors`
+and `report.html`. Everything is built in a work folder beside `out` and renamed into place
+at the end: a failed or cancelled job leaves nothing at `out`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .api import FusionReport, ProgressCallback, prepare
+from .baselines import parents_and_ensemble, vanilla_fusion
+from .checkpoint import open_checkpoint
+from .engine import Progress
+from .errors import CancelledError, InputError
+from .evaluate import EvalSet, load_eval_set, metrics_from_scores, model_scores, task_of
+from .families import resolve_family
+from .finetune import FinetuneConfig, finetune
+from .metrics import (
+    KINDS,
+    REPORT_FILE,
+    TRANSPORT_MAPS_FILE,
+    Metrics,
+    ModelResult,
+    Sweep,
+    plan_diagnostics,
+)
+from .spec import FusionSpec
+from .sweep import Point, parse_regs, run_sweep, save_transport_maps
+from .writer import check_output_dir
+
+FINETUNE_BASELINES = ("vanilla",)
+StageCallback = Callable[[str], None]  # "aligning" | "evaluating" | "finetuning" | "writing"
+
+
+@dataclass
+class JobResult:
+    out: Path
+    metrics: dict  # the content of metrics.json
+    artifacts: dict[str, Path] = field(default_factory=dict)  # name -> file inside `out`
+    fusion: FusionReport | None = None
+
+
+def fuse_job(
+    model_dirs: Sequence[str | Path],
+    out: str | Path,
+    spec: FusionSpec | None = None,
+    *,
+    regs: str | float | Sequence[str | float] | None = None,
+    data: str | Path | None = None,
+    eval_data: str | Path | None = None,
+    calib_data: str | Path | None = None,
+    finetune_config: FinetuneConfig | None = None,
+    finetune_data: str | Path | None = None,
+    finetune_baselines: Sequence[str] = (),
+    save_maps: bool = False,
+    report: bool = False,
+    progress: ProgressCallback | None = None,
+    stage: StageCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    allow_pickle: bool = False,
+) -> JobResult:
+    """Fuse, sweep, evaluate against baselines, optionally finetune, write artifacts.
+
+    - `regs`: None (the spec's solver and reg), a number, "auto", "emd" or a list; with more
+      than one point the best one-shot model on `calib_data` (default: `data`) is kept.
+    - `eval_data`: where parents, ensemble, vanilla, fused (and finetuned) models are
+      compared; must differ from the calibration data.
+    - `finetune_config` + `finetune_data`: heal the chosen fusion; `finetune_baselines`
+      ("vanilla") finetunes vanilla fusion with the same budget for comparison.
+    """
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    model_dirs = [Path(m) for m in model_dirs]
+    spec = (spec or FusionSpec()).validate(len(model_dirs))
+    out = Path(out)
+    check_output_dir(out)
+    points = parse_regs(regs) if regs is not None else [Point(spec.solver, spec.reg)]
+    if len(points) == 1 and points[0].solver == "emd":
+        points = [Point("emd")]
+    unknown = sorted(set(finetune_baselines) - set(FINETUNE_BASELINES))
+    if unknown:
+        raise InputError(f"finetune baselines must be among {FINETUNE_BASELINES}, not {unknown}")
+    if finetune_config is not None and finetune_data is None:
+        raise InputError("a finetune needs --finetune-data (labelled inputs)")
+    if finetune_config is None and finetune_data is not None:
+        finetune_config = FinetuneConfig(device=spec.device)
+    if finetune_config is not None:
+        finetune_config = finetune_config.validate()
+    if finetune_baselines and finetune_config is None:
+        raise InputError("finetune baselines need a finetune (--finetune-data)")
+    calib_file = calib_data if calib_data is not None else (data if len(points) > 1 else None)
+    if len(points) > 1 and calib_file is None:
+        raise InputError("a sweep over several regularizers needs --calib-data (or --data)")
+
+    cancelled = should_cancel or (lambda: False)
+    say = progress or (lambda _p: None)
+    enter = stage or (lambda _s: None)
+    anchor_dir = model_dirs[spec.anchor]
+    checkpoint = open_checkpoint(anchor_dir)
+    _, architecture = resolve_family(checkpoint.config, where=f"{anchor_dir}: ")
+    eval_set = load_eval_set(anchor_dir, eval_data) if eval_data is not None else None
+    calib_set = load_eval_set(anchor_dir, calib_file) if calib_file is not None else None
+    try:
+        task = task_of(architecture)
+    except InputError:
+        task = "none"
+
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".work", dir=out.parent))
+    try:
+        # 1. fuse once per point, keep the best on calibration data
+        enter("aligning")
+        prepared = prepare(model_dirs, spec, data, say, allow_pickle)
+        keep_plans = save_maps or report
+        swept = run_sweep(
+            prepared,
+            points,
+            work,
+            calib_set,
+            eval_set,
+            keep_plans=keep_plans,
+            device=spec.device,
+            progress=say,
+            should_cancel=cancelled,
+        )
+        chosen = swept.points[swept.chosen]
+        timings["fusion"] = round(time.perf_counter() - clock, 3)
+
+        # 2. baselines on the eval data
+        _check(cancelled)
+        enter("evaluating")
+        evaluation: list[ModelResult] = []
+        vanilla_dir: Path | None = None
+        vanilla_reason: str | None = None
+        need_vanilla = eval_set is not None or "vanilla" in finetune_baselines
+        if need_vanilla:
+            vanilla_dir = work / "vanilla"
+            vanilla_reason = vanilla_fusion(prepared, vanilla_dir, None, cancelled)
+            if vanilla_reason is not None:
+                vanilla_dir = None
+        fused_metrics = chosen.eval
+        if eval_set is not None:
+            evaluation = parents_and_ensemble(model_dirs, eval_set, spec.device, say, cancelled)
+            if vanilla_dir is not None:
+                evaluation.append(
+                    ModelResult("vanilla", "vanilla", _metrics(vanilla_dir, eval_set, spec.device))
+                )
+            else:
+                evaluation.append(ModelResult("vanilla", "vanilla", skipped=vanilla_reason))
+            evaluation.append(ModelResult("fused", "fused", dict(fused_metrics or {})))
+        timings["evaluation"] = round(time.perf_counter() - clock - sum(timings.values()), 3)
+
+        # 3. finetune the chosen fusion (and the baselines, same budget)
+        published = swept.folder
+        finetune_record = None
+        if finetune_config is not None:
+            _check(cancelled)
+            enter("finetuning")
+            runs = []
+            jobs = [("fused", swept.folder, fused_metrics)]
+            if "vanilla" in finetune_baselines:
+                if vanilla_dir is not None:
+                    before = next((r.metrics for r in evaluation if r.kind == "vanilla"), None)
+                    jobs.append(("vanilla", vanilla_dir, before))
+                else:
+                    evaluation.append(
+                        ModelResult("vanilla+finetune", "vanilla+finetune", skipped=vanilla_reason)
+                    )
+            for name, source, before in jobs:
+                target = work / f"{name}-finetuned"
+                result = finetune(
+                    source,
+                    finetune_data,
+                    target,
+                    finetune_config,
+                    name=name,
+                    progress=say,
+                    should_cancel=cancelled,
+                )
+                run = result.run
+                run.before = before
+                if eval_set is not None:
+                    run.after = _metrics(target, eval_set, spec.device)
+                    evaluation.append(
+                        ModelResult(f"{name}+finetune", f"{name}+finetune", run.after)
+                    )
+                runs.append(run)
+                if name == "fused":
+                    published = target
+                else:
+                    shutil.rmtree(target, ignore_errors=True)
+            finetune_record = {"config": finetune_config.to_dict(), "runs": runs}
+            timings["finetune"] = round(time.perf_counter() - clock - sum(timings.values()), 3)
+
+        # 4. artifacts next to the published model, then publish atomically
+        _check(cancelled)
+        enter("writing")
+        published_kind = "fused+finetune" if finetune_config is not None else "fused"
+        evaluation.sort(key=lambda r: KINDS.index(r.kind))
+        for result in evaluation:
+            if result.kind == published_kind:
+                result.path = "."
+        artifacts: dict[str, str] = {"model": "."}
+        fusion = swept.report
+        diagnostics = []
+        if fusion.transport_maps is not None:
+            diagnostics = plan_diagnostics(fusion.transport_maps, fusion.plans)
+            if save_maps:
+                save_transport_maps(
+                    fusion.transport_maps, published / TRANSPORT_MAPS_FILE, spec.anchor
+                )
+                artifacts["transport_maps"] = TRANSPORT_MAPS_FILE
+        if report:
+            artifacts["report"] = REPORT_FILE
+        artifacts["metrics"] = "metrics.json"
+        timings["total"] = round(time.perf_counter() - clock, 3)
+        metrics = Metrics(
+            task=task,
+            primary_metric="loss" if task == "masked-lm" else "accuracy",
+            models=[str(m) for m in model_dirs],
+            anchor=spec.anchor,
+            spec=fusion.spec.to_dict(),
+            data={
+                "eval": _str(eval_data),
+                "calib": _str(calib_file),
+                "activations": _str(data),
+                "finetune": _str(finetune_data),
+            },
+            evaluation=evaluation,
+            sweep=Sweep(
+                _str(calib_file) or "",
+                "loss" if task == "masked-lm" else "accuracy",
+                swept.points,
+                {"solver": chosen.solver, "reg": chosen.reg},
+            )
+            if calib_set is not None
+            else None,
+            finetune=finetune_record,
+            plans=diagnostics,
+            artifacts=artifacts,
+            seconds=timings,
+            published=published_kind,
+            otfuse_version=__version__,
+        )
+        metrics.write(published)
+        document = metrics.to_dict()
+        _append_card(published / "README.md", document)
+        if report:
+            from .report import write_report
+
+            write_report(document, published / REPORT_FILE, fusion.transport_maps)
+        say(Progress(1, 1, f"publishing {out}"))
+        _check(cancelled)
+        check_output_dir(out)
+        published.chmod(0o755)  # mkdtemp made it private; a checkpoint folder is not
+        if out.exists():
+            out.rmdir()
+        os.replace(published, out)
+        files = {name: out / rel for name, rel in artifacts.items()}
+        return JobResult(out, document, files, fusion)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _metrics(folder: Path, eval_set: EvalSet, device: str) -> dict[str, float]:
+    return metrics_from_scores(model_scores(folder, eval_set, device), eval_set.task)
+
+
+def _check(cancelled: Callable[[], bool]) -> None:
+    if cancelled():
+        raise CancelledError("fusion job cancelled; nothing was written")
+
+
+def _str(path) -> str | None:
+    return str(path) if path is not None else None
+
+
+def _append_card(card: Path, document: dict) -> None:
+    """The model card gets the evaluation table (eval data) and the sweep's choice."""
+    lines = ["", "## Evaluation", ""]
+    rows = [r for r in document["evaluation"]]
+    if rows:
+        names = sorted({k for r in rows for k in (r["metrics"] or {}) if k in METRIC_NAMES})
+        lines += ["| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for r in rows:
+            if r.get("skipped"):
+                lines.append(f"| {r['name']} | skipped: {r['skipped']} |")
+                continue
+            cells = [_fmt(r["metrics"].get(n)) for n in names]
+            mark = " (this model)" if r.get("path") == "." else ""
+            lines.append(f"| {r['name']}{mark} | " + " | ".join(cells) + " |")
+        lines.append(f"\nOn `{document['data']['eval']}`.")
+    if document.get("sweep"):
+        chosen = document["sweep"]["chosen"]
+        what = "EMD" if chosen["solver"] == "emd" else f"Sinkhorn reg {chosen['reg']:g}"
+        lines.append(
+            f"\nRegularizer chosen on `{document['sweep']['selected_on']}` by "
+            f"{document['sweep']['metric']}: {what} "
+            f"({len(document['sweep']['points'])} points tried)."
+        )
+    lines.append("\nAll numbers: `metrics.json`.\n")
+    with card.open("a") as handle:
+        handle.write("\n".join(lines))
+
+
+METRIC_NAMES = ("accuracy", "loss", "perplexity")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))

@@ -1,0 +1,138 @@
+"""The budgeted finetune: it reduces the loss, stops at its step, epoch or seconds budget,
+writes a loadable HF folder, and a cancelled finetune (or job) publishes nothing."""
+
+import json
+import math
+
+import pytest
+import torch
+import transformers
+from factories import image_data, save, text_data, tiny_bert, tiny_vit
+from safetensors.torch import save_file
+
+from fusion_core import CancelledError, FusionSpec, evaluate
+from fusion_core.finetune import FinetuneConfig, finetune, lr_factor
+from fusion_core.job import fuse_job
+
+
+@pytest.fixture
+def vit(tmp_path):
+    return save(tiny_vit(seed=1), tmp_path / "vit")
+
+
+@pytest.fixture
+def train(tmp_path):
+    """Learnable labels: which quadrant of the image is brightest."""
+    gen = torch.Generator().manual_seed(3)
+    pixels = torch.randn(64, 1, 8, 8, generator=gen)
+    quadrants = pixels.unfold(2, 4, 4).unfold(3, 4, 4).mean((-1, -2)).reshape(64, 4)
+    path = tmp_path / "train.safetensors"
+    save_file({"pixel_values": pixels, "labels": quadrants.argmax(-1)}, str(path))
+    return path
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    assert lr_factor(0.0, 0.1) == 0.0
+    assert lr_factor(0.05, 0.1) == pytest.approx(0.5)
+    assert lr_factor(0.1, 0.1) == pytest.approx(1.0)
+    assert lr_factor(0.55, 0.1) == pytest.approx(0.5)
+    assert lr_factor(1.0, 0.1) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_finetune_reduces_loss_and_stops_at_the_step_budget(vit, train, tmp_path):
+    before = evaluate(vit, train)["loss"]
+    steps = []
+    result = finetune(
+        vit,
+        train,
+        tmp_path / "ft",
+        FinetuneConfig(steps=80, lr=3e-3, batch_size=16),
+        progress=lambda p: steps.append((p.step, p.total)),
+    )
+    assert result.run.steps == 80 and result.run.stopped_by == "steps"
+    assert steps[-1] == (80, 80) and len(steps) == 80
+    after = evaluate(tmp_path / "ft", train)["loss"]
+    assert after < before - 0.1
+    assert result.run.losses[-1][0] == 80
+    model = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "ft"))
+    assert model.config.hidden_size == 16
+    record = json.loads((tmp_path / "ft" / "fusion.json").read_text())
+    assert record["finetune"]["steps"] == 80 and record["finetune"]["config"]["lr"] == 3e-3
+    assert "## Finetune" in (tmp_path / "ft" / "README.md").read_text()
+
+
+def test_epoch_and_seconds_budgets(vit, train, tmp_path):
+    by_epochs = finetune(vit, train, tmp_path / "e", FinetuneConfig(epochs=1.5, batch_size=16))
+    assert by_epochs.run.steps == math.ceil(1.5 * 4) and by_epochs.run.stopped_by == "epochs"
+    by_time = finetune(
+        vit, train, tmp_path / "s", FinetuneConfig(steps=10**6, seconds=0.5, batch_size=8)
+    )
+    assert by_time.run.stopped_by == "seconds"
+    assert 1 <= by_time.run.steps < 10**6 and by_time.run.seconds < 3.0
+    # the schedule followed the clock: warmup, then a decay that never goes back up
+    lrs = [v for _, v in by_time.run.lr]
+    peak = lrs.index(max(lrs))
+    assert max(lrs) <= 1e-4 and lrs[-1] < 1e-4
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :], strict=False))
+
+
+def test_cancelled_finetune_writes_nothing(vit, train, tmp_path):
+    calls = []
+
+    def cancel_at_third_step():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(CancelledError):
+        finetune(
+            vit,
+            train,
+            tmp_path / "ft",
+            FinetuneConfig(steps=50),
+            should_cancel=cancel_at_third_step,
+        )
+    assert not (tmp_path / "ft").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_cancelled_job_during_finetune_publishes_nothing(tmp_path, train):
+    models = [save(tiny_vit(seed=s), tmp_path / f"m{s}") for s in (1, 2)]
+    test = image_data(tmp_path / "test.safetensors", seed=4)
+    stages = []
+    progress = []
+
+    def cancel_in_finetune():
+        return any("finetune fused: step 2/" in d for d in progress)
+
+    with pytest.raises(CancelledError):
+        fuse_job(
+            models,
+            tmp_path / "out",
+            FusionSpec(),
+            eval_data=test,
+            finetune_config=FinetuneConfig(steps=20),
+            finetune_data=train,
+            stage=stages.append,
+            progress=lambda p: progress.append(p.detail),
+            should_cancel=cancel_in_finetune,
+        )
+    assert stages == ["aligning", "evaluating", "finetuning"]
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_mlm_finetune_masks_afresh(tmp_path):
+    mlm = save(tiny_bert("BertForMaskedLM", seed=1, mask_token_id=4), tmp_path / "mlm")
+    data = text_data(tmp_path / "t.safetensors", count=16, labels=False)
+    result = finetune(mlm, data, tmp_path / "ft", FinetuneConfig(steps=3, batch_size=8))
+    assert result.run.steps == 3 and all(math.isfinite(v) for _, v in result.run.losses)
+    assert evaluate(tmp_path / "ft", data)["tokens"] == evaluate(mlm, data)["tokens"]
+
+
+def test_bad_budgets(vit, train, tmp_path):
+    from fusion_core import InputError
+
+    for bad in (FinetuneConfig(steps=0), FinetuneConfig(seconds=-1), FinetuneConfig(lr=0)):
+        with pytest.raises(InputError):
+            finetune(vit, train, tmp_path / "x", bad)
+    assert FinetuneConfig().validate().epochs == 1.0
