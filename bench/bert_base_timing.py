@@ -39,6 +39,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-bert"))
     parser.add_argument("--reg", type=float, default=0.05)
+    parser.add_argument(
+        "--methods",
+        default="sinkhorn,emd,shared",
+        help="comma-separated subset of sinkhorn, emd, shared",
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     parents = make_parents(args.workdir)
