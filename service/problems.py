@@ -87,6 +87,8 @@ def install(app: FastAPI) -> None:
                 message = "unknown field"
             elif err.get("type") == "json_invalid":
                 message = f"invalid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
+            elif err.get("type") == "value_error" and "error" in err.get("ctx", {}):
+                message = str(err["ctx"]["error"])  # our validators' words, unprefixed
             else:
                 message = err.get("msg", "invalid")
             errors.append({"field": _field(loc), "message": message})

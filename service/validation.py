@@ -29,6 +29,24 @@ FLAG_FIELDS = {
 }
 
 
+# FusionSpec's field names (InputError.field) -> the JSON fields.
+RECIPE_FIELDS = {
+    "method": "method",
+    "alignment": "policy.alignment",
+    "solver": "policy.solver",
+    "reg": "regularizer",
+    "residual": "policy.residual",
+    "filter": "policy.filter",
+    "qk": "policy.qk",
+    "heads": "policy.heads",
+    "anchor": "anchor",
+    "weights": "weights",
+    "samples": "policy.samples",
+    "device": "policy.device",
+    "models": "models",
+}
+
+
 def check_uri(field: str, uri: str, settings, folder: bool) -> str:
     """A URI the worker may read or write: s3 in an allowed bucket, or file under a root.
     Returns it normalized (folders end with '/')."""
@@ -71,14 +89,10 @@ def check_spec(spec: JobSpec, settings) -> JobSpec:
             raise SpecError("weights", f"{len(spec.weights)} values for {n} models")
         if any(not math.isfinite(w) or w < 0 for w in spec.weights) or sum(spec.weights) <= 0:
             raise SpecError("weights", "must be non-negative numbers with a positive sum")
-    if spec.policy.solver == "sinkhorn" and not (
-        math.isfinite(spec.regularizer) and spec.regularizer > 0
-    ):
-        raise SpecError(
-            "regularizer", f"must be > 0 for the sinkhorn solver, got {spec.regularizer}"
-        )
+    check_regularizer(spec)
+    points = len(reg_points(spec))
     data = spec.data.model_copy()
-    for name in ("activations", "eval", "finetune"):
+    for name in ("activations", "calibration", "eval", "finetune"):
         value = getattr(data, name)
         if value is not None:
             setattr(data, name, check_uri(f"data.{name}", value, settings, folder=False))
@@ -90,11 +104,32 @@ def check_spec(spec: JobSpec, settings) -> JobSpec:
             "data.activations",
             f"required for alignment={spec.policy.alignment}, residual={spec.policy.residual}",
         )
-    if spec.finetune is not None:
-        raise SpecError("finetune", "finetuning is not supported yet")
+    if points > 1 and spec.method != "ot":
+        raise SpecError("regularizer", "a sweep needs method ot (vanilla has no regularizer)")
+    if points > 1 and data.calibration is None and data.activations is None:
+        raise SpecError(
+            "data.calibration",
+            f"required for a sweep over {points} regularizers (the best one-shot model on it "
+            "is kept); data.activations serves when it is not given",
+        )
+    calibration = calibration_uri(spec.model_copy(update={"data": data}))
+    if calibration is not None and calibration == data.eval:
+        which = "data.calibration" if data.calibration else "data.activations"
+        raise SpecError(
+            "data.calibration",
+            f"the calibration data ({which}) must not be data.eval: the sweep would choose on "
+            "the numbers it reports",
+        )
+    check_finetune(spec, data, settings)
     output = spec.output and check_uri("output", spec.output, settings, folder=True)
     normalized = spec.model_copy(update={"models": models, "data": data, "output": output})
     fusion_spec(normalized, "cpu")  # fusion_core's own checks, as a last net
+    from fusion_core import InputError
+
+    try:
+        finetune_config(normalized, "cpu")
+    except InputError as exc:
+        raise SpecError("finetune", str(exc)) from None
     return normalized
 
 
@@ -107,7 +142,7 @@ def fusion_spec(spec: JobSpec, device: str):
             method=spec.method,
             alignment=spec.policy.alignment,
             solver=spec.policy.solver,
-            reg=spec.regularizer,
+            reg=spec.regularizer if isinstance(spec.regularizer, float) else DEFAULT_REG,
             residual=spec.policy.residual,
             filter=spec.policy.filter,
             qk=spec.policy.qk,
@@ -119,9 +154,93 @@ def fusion_spec(spec: JobSpec, device: str):
         ).validate(len(spec.models))
     except InputError as exc:
         message = str(exc)
-        flag = message.split(" ", 1)[0]
-        field = FLAG_FIELDS.get(flag, "body")
-        raise SpecError(field, message) from None
+        field = RECIPE_FIELDS.get(exc.field or "") or FLAG_FIELDS.get(message.split(" ", 1)[0])
+        raise SpecError(field or "body", message) from None
+
+
+DEFAULT_REG = 0.05  # FusionSpec's; the spec's reg when a sweep chooses it
+
+
+def check_regularizer(spec: JobSpec) -> None:
+    value = spec.regularizer
+    if isinstance(value, float):
+        if spec.policy.solver == "sinkhorn" and not (math.isfinite(value) and value > 0):
+            raise SpecError("regularizer", f"must be > 0 for the sinkhorn solver, got {value}")
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, float) and not (math.isfinite(item) and item > 0):
+                raise SpecError(
+                    f"regularizer.{i}", f"Sinkhorn regularizers must be > 0, got {item}"
+                )
+
+
+def regs_argument(spec: JobSpec):
+    """`fuse_job`'s `regs`: None for one number (the spec's solver and reg), else the value."""
+    return None if isinstance(spec.regularizer, float) else spec.regularizer
+
+
+def reg_points(spec: JobSpec) -> list:
+    """The (solver, reg) points the job fuses, as fuse_job will."""
+    from fusion_core.sweep import Point, parse_regs
+
+    regs = regs_argument(spec)
+    if regs is None:
+        reg = spec.regularizer if spec.policy.solver == "sinkhorn" else None
+        return [Point(spec.policy.solver, reg)]
+    return parse_regs(regs)
+
+
+def calibration_uri(spec: JobSpec) -> str | None:
+    """The data a sweep chooses on, as fuse_job picks it: data.calibration, else
+    data.activations when there is more than one point."""
+    if spec.data.calibration is not None:
+        return spec.data.calibration
+    return spec.data.activations if len(reg_points(spec)) > 1 else None
+
+
+def check_finetune(spec: JobSpec, data, settings) -> None:
+    finetune = spec.finetune
+    if finetune is None:
+        if data.finetune is not None:
+            raise SpecError(
+                "finetune",
+                "data.finetune is given but no finetune: add one with a budget "
+                "(steps, epochs or seconds)",
+            )
+        return
+    if finetune.steps is None and finetune.epochs is None and finetune.seconds is None:
+        raise SpecError("finetune", "needs a budget: steps, epochs or seconds (at least one)")
+    if data.finetune is None:
+        raise SpecError("data.finetune", "required for the finetune stage (labelled inputs)")
+    limit = settings.soft_time_limit
+    if finetune.seconds is not None and finetune.seconds >= limit:
+        raise SpecError(
+            "finetune.seconds",
+            f"{finetune.seconds:g} s does not fit in the server's job time limit of {limit} s",
+        )
+    if len(set(finetune.baselines)) != len(finetune.baselines):
+        raise SpecError("finetune.baselines", "each baseline at most once")
+
+
+def finetune_config(spec: JobSpec, device: str):
+    """The `fusion_core.FinetuneConfig` of the job (None without a finetune)."""
+    if spec.finetune is None:
+        return None
+    from fusion_core.finetune import FinetuneConfig
+
+    f = spec.finetune
+    return FinetuneConfig(
+        steps=f.steps,
+        epochs=f.epochs,
+        seconds=f.seconds,
+        lr=f.lr,
+        batch_size=f.batch_size,
+        warmup=f.warmup,
+        weight_decay=f.weight_decay,
+        seed=f.seed,
+        device=device,
+    ).validate()
 
 
 def default_output(settings, tenant: str, job_id: str) -> str:

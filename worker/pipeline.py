@@ -1,16 +1,20 @@
-"""The job pipeline: download -> fusion_core.fuse -> evaluate -> publish -> record.
+"""The job pipeline: download -> fusion_core.fuse_job (sweep, baselines, finetune,
+artifacts) -> publish -> record.
 
 Plain Python, called by the Celery task and by the embedded worker alike. A lease in the job
 store keeps two deliveries of one job from running at once; a heartbeat renews it. Cancel is
-cooperative: fusion_core polls `should_cancel` at each layer boundary, and the pipeline checks
-between stages. Publishing is atomic and idempotent (storage.publish, then the record).
+cooperative: fusion_core polls `should_cancel` at each layer boundary and finetune step, and
+the pipeline checks between stages. Publishing is atomic and idempotent (storage.publish, then
+the record).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -23,18 +27,85 @@ from service.models import DONE, JobSpec
 from service.problems import SpecError
 from service.storage import JOB_FILE, METRICS_FILE, StorageError, join
 from service.store import JobStore, now_iso
-from service.validation import check_spec, fusion_spec
+from service.validation import (
+    check_spec,
+    finetune_config,
+    fusion_spec,
+    reg_points,
+    regs_argument,
+)
 
 log = logging.getLogger("otfuse.worker")
 
-# Overall progress at the start of each stage.
+# Overall progress at the start and end of each stage, for a plain fusion; `stage_spans`
+# sizes them for the job at hand (sweep points, eval data, finetune runs).
 STAGE_SPAN = {
     "downloading": (0.0, 0.05),
     "aligning": (0.05, 0.8),
     "evaluating": (0.8, 0.95),
+    "finetuning": (0.95, 0.95),
     "uploading": (0.95, 1.0),
 }
 UPDATE_EVERY = 0.2  # seconds between progress writes to the job store
+# fuse_job's stages -> the job record's, with a first detail ("writing" = metrics.json and
+# the report: the first part of publishing)
+STAGES = {
+    "aligning": ("aligning", "aligning"),
+    "evaluating": ("evaluating", "evaluating parents, ensemble and baselines"),
+    "finetuning": ("finetuning", "finetuning the fused model"),
+    "writing": ("uploading", "writing metrics.json and artifacts"),
+}
+SWEEP = re.compile(r"^sweep (\d+)/(\d+) ")
+FINETUNE = re.compile(r"^finetune (\w+): ")
+
+
+def stage_spans(points: int, evaluated: bool, finetune_runs: int) -> dict[str, tuple]:
+    """Progress spans in proportion to rough costs: a fusion per sweep point, the models
+    scored on eval data, a finetune per run (the fused model and each baseline)."""
+    weights = {
+        "aligning": 1.0 * points,
+        "evaluating": 0.5 if evaluated else 0.05,
+        "finetuning": 2.0 * finetune_runs,
+    }
+    total = sum(weights.values())
+    spans, low = {"downloading": (0.0, 0.05)}, 0.05
+    for stage, weight in weights.items():
+        high = low + 0.9 * weight / total
+        spans[stage] = (round(low, 4), round(high, 4))
+        low = high
+    spans["uploading"] = (0.95, 1.0)
+    return spans
+
+
+def inline_metrics(document: dict) -> dict:
+    """metrics.json for the job record: without the per-step finetune curves and the
+    per-plan diagnostics, which can be large (the full document is at metrics_uri)."""
+    small = copy.deepcopy(document)
+    small.pop("plans", None)
+    for run in (small.get("finetune") or {}).get("runs", []):
+        run.pop("losses", None)
+        run.pop("lr", None)
+    return small
+
+
+def path_rewriter(paths: dict[str, str]):
+    """A function that replaces, in one pass, each local path by the URI users sent."""
+    if not paths:
+        return lambda text: text
+    ordered = sorted(paths, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(p) for p in ordered))
+    targets = {p: paths[p].rstrip("/") for p in ordered}
+    return lambda text: pattern.sub(lambda m: targets[m.group(0)], text)
+
+
+def rewrite_strings(value, rewrite):
+    if isinstance(value, str):
+        return rewrite(value)
+    if isinstance(value, list):
+        return [rewrite_strings(v, rewrite) for v in value]
+    if isinstance(value, dict):
+        return {k: rewrite_strings(v, rewrite) for k, v in value.items()}
+    return value
 
 
 class Stop(Exception):
@@ -84,6 +155,8 @@ class Run:
         self.stopping = stopping or threading.Event()
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stage: str | None = None
+        self.spans = dict(STAGE_SPAN)
+        self.finetune_names: list[str] = ["fused"]
         self.stage_started = time.perf_counter()
         self.stage_seconds: dict[str, float] = {}
         self.last_write = 0.0
@@ -106,7 +179,7 @@ class Run:
         self.check()
         self._close_stage()
         self.stage, self.stage_started = stage, time.perf_counter()
-        self._set(stage=stage, progress=STAGE_SPAN[stage][0], detail=detail)
+        self._set(stage=stage, progress=self.spans[stage][0], detail=detail)
         self.last_write = time.perf_counter()
 
     def _close_stage(self) -> None:
@@ -123,7 +196,7 @@ class Run:
         now = time.perf_counter()
         if not force and now - self.last_write < UPDATE_EVERY:
             return
-        low, high = STAGE_SPAN[self.stage]
+        low, high = self.spans[self.stage]
         self._set(progress=round(low + (high - low) * min(max(fraction, 0), 1), 4), detail=detail)
         self.last_write = now
 
@@ -208,7 +281,11 @@ class Run:
                 if previous is not None:  # a crashed delivery published; record it once
                     return self._succeed(job, previous, output)
                 result, metrics = self._fuse(job, work, started)
-                self.enter("uploading", "uploading the fused checkpoint")
+                if self.stage == "uploading":  # fuse_job wrote its artifacts in this stage
+                    self.check()
+                    self.progress(0.5, "uploading the fused checkpoint", force=True)
+                else:
+                    self.enter("uploading", "uploading the fused checkpoint")
                 backend = self.storage.backend(output)
                 published = True
                 backend.publish(result, output, self.job_id, job["attempts"])
@@ -247,6 +324,14 @@ class Run:
         requested = spec.policy.device
         device = resolve_device(self.settings.device if requested == "auto" else requested)
         fspec = fusion_spec(spec, device)
+        finetune = finetune_config(spec, device)
+        baselines = tuple(spec.finetune.baselines) if spec.finetune else ()
+        self.finetune_names = ["fused", *baselines]
+        self.spans = stage_spans(
+            len(reg_points(spec)),
+            spec.data.eval is not None,
+            len(self.finetune_names) if finetune else 0,
+        )
         n = len(spec.models)
         self.enter("downloading", f"downloading model 1/{n}")
         parents = []
@@ -256,44 +341,56 @@ class Run:
             folder = self.storage.backend(uri).fetch_folder(uri, work / f"model-{i}")
             self.local_paths[str(folder)] = uri
             parents.append(folder)
-        files = {}
-        for name in ("activations", "eval"):
+        files: dict[str, Path] = {}
+        fetched: dict[str, Path] = {}  # one download per URI (activations may calibrate too)
+        for name in ("activations", "calibration", "eval", "finetune"):
             uri = getattr(spec.data, name)
             if uri:
-                self.check()
-                dest = work / "data" / f"{name}.safetensors"
-                files[name] = self.storage.backend(uri).fetch_file(uri, dest)
-                self.local_paths[str(files[name])] = uri
+                if uri not in fetched:
+                    self.check()
+                    self.progress(0.9, f"downloading data.{name}", force=True)
+                    dest = work / "data" / f"{name}.safetensors"
+                    fetched[uri] = self.storage.backend(uri).fetch_file(uri, dest)
+                    self.local_paths[str(fetched[uri])] = uri
+                files[name] = fetched[uri]
 
-        self.enter("aligning", "aligning")
         out = work / "fused"
-        fusion_started = time.perf_counter()
-        report = fusion_core.fuse(
+        job_started = time.perf_counter()
+        result = fusion_core.fuse_job(
             parents,
             out,
             fspec,
+            regs=regs_argument(spec),
             data=files.get("activations"),
-            progress=lambda p: self.progress(p.step / max(p.total, 1), p.detail),
+            eval_data=files.get("eval"),
+            calib_data=files.get("calibration"),
+            finetune_config=finetune,
+            finetune_data=files.get("finetune"),
+            finetune_baselines=baselines,
+            save_maps=spec.artifacts.transport_maps,
+            report=spec.artifacts.report,
+            progress=self._on_progress,
+            stage=self._on_stage,
             should_cancel=self.should_stop,
             allow_pickle=self.settings.allow_pickle,
         )
-        fusion_seconds = time.perf_counter() - fusion_started
+        job_seconds = time.perf_counter() - job_started
+        out = Path(result.out)
 
-        metrics: dict = {"job_id": self.job_id}
-        if "eval" in files:
-            self.enter("evaluating", "evaluating the fused model")
-            metrics["fused"] = fusion_core.evaluate(out, files["eval"], device=device)
-            metrics["parents"] = []
-            for i, (uri, folder) in enumerate(zip(spec.models, parents, strict=True)):
-                self.check()
-                self.progress((i + 1) / (n + 1), f"evaluating parent {i + 1}/{n}", force=True)
-                scores = fusion_core.evaluate(folder, files["eval"], device=device)
-                metrics["parents"].append({"model": uri, **scores})
+        # fuse_job names the worker's copies; users know the URIs they sent.
+        rewrite = path_rewriter(self.local_paths)
+        metrics = rewrite_strings(result.metrics, rewrite)
+        for name in ("README.md", "report.html"):
+            if (out / name).is_file():
+                text = (out / name).read_text()
+                (out / name).write_text(rewrite(text))
         self._close_stage()
+        metrics.update(self._summary(metrics, spec))
         metrics.update(
             {
-                "fusion_seconds": round(report.seconds, 3),
-                "fuse_call_seconds": round(fusion_seconds, 3),
+                "job_id": self.job_id,
+                "fusion_seconds": round(metrics.get("seconds", {}).get("fusion", 0.0), 3),
+                "job_seconds": round(job_seconds, 3),
                 "wall_seconds": round(time.perf_counter() - started, 3),
                 "stages": {k: round(v, 3) for k, v in self.stage_seconds.items()},
                 "device": device,
@@ -303,7 +400,8 @@ class Run:
             "job_id": self.job_id,
             "tenant": job["tenant"],
             "spec": job["spec"],
-            "fusion_spec": fspec.to_dict(),
+            "fusion_spec": metrics.get("spec") or fspec.to_dict(),  # as published (chosen)
+            "finetune": finetune.to_dict() if finetune else None,
             "attempt": job["attempts"],
             "created": now_iso(),
         }
@@ -311,12 +409,50 @@ class Run:
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         return out, metrics
 
+    @staticmethod
+    def _summary(metrics: dict, spec: JobSpec) -> dict:
+        """The service's summary fields (kept from its first metrics.json): `fused` (the
+        one-shot fusion's eval metrics) and `parents` [{model: URI, ...metrics}]."""
+        rows = {r["name"]: r for r in metrics.get("evaluation") or []}
+        if "fused" not in rows:
+            return {}
+        parents = [
+            {"model": uri, **(rows.get(f"parent {i}") or {}).get("metrics", {})}
+            for i, uri in enumerate(spec.models)
+        ]
+        return {"fused": dict(rows["fused"]["metrics"]), "parents": parents}
+
+    # -- fuse_job's callbacks --------------------------------------------------------------
+    def _on_stage(self, name: str) -> None:
+        stage, detail = STAGES.get(name, ("uploading", name))
+        self.enter(stage, detail)
+
+    def _on_progress(self, p) -> None:
+        if self.stage not in ("aligning", "evaluating", "finetuning"):
+            return
+        fraction = p.step / max(p.total, 1)
+        if self.stage == "aligning" and (match := SWEEP.match(p.detail)):
+            i, points = int(match.group(1)), int(match.group(2))
+            fraction = (i - 1 + fraction) / max(points, 1)
+        elif self.stage == "finetuning" and (match := FINETUNE.match(p.detail)):
+            names = self.finetune_names
+            i = names.index(match.group(1)) if match.group(1) in names else 0
+            fraction = (i + fraction) / len(names)
+        self.progress(fraction, p.detail)
+
     def _succeed(self, job: dict, metrics: dict, output: str) -> str:
         self._close_stage()
+        artifacts = metrics.get("artifacts") or {}
+        sweep = metrics.get("sweep") or {}
         result = {
             "checkpoint": output,
             "metrics_uri": join(output, METRICS_FILE),
-            "metrics": metrics,
+            "report_uri": join(output, artifacts["report"]) if "report" in artifacts else None,
+            "transport_maps_uri": (
+                join(output, artifacts["transport_maps"]) if "transport_maps" in artifacts else None
+            ),
+            "chosen": sweep.get("chosen"),
+            "metrics": inline_metrics(metrics),
             "urls": self._presign(output),
         }
 

@@ -26,7 +26,33 @@ def _problem_responses(*codes: int) -> dict:
     return {c: {"model": Problem} for c in codes}
 
 
-def _example_job(**overrides) -> dict:
+EXAMPLE_SPEC = {
+    "models": ["s3://models/vit-seed0/", "s3://models/vit-seed1/"],
+    "regularizer": 0.05,
+    "data": {"eval": "s3://models/digits/test.safetensors"},
+    "name": "digits-vit",
+    "labels": {"team": "vision"},
+}
+HEALED_SPEC = {
+    "models": ["s3://models/vit-seed0/", "s3://models/vit-seed1/"],
+    "policy": {"alignment": "activations", "residual": "shared"},
+    "regularizer": "auto",
+    "data": {
+        "activations": "s3://models/digits/calib.safetensors",
+        "calibration": "s3://models/digits/calib.safetensors",
+        "eval": "s3://models/digits/test.safetensors",
+        "finetune": "s3://models/digits/train.safetensors",
+    },
+    "finetune": {"steps": 60, "lr": 0.001, "batch_size": 64, "baselines": ["vanilla"]},
+    "artifacts": {"transport_maps": True, "report": True},
+    "name": "digits-vit-healed",
+    "labels": {"team": "vision"},
+}
+OUT = "s3://otfuse/fusions/team-a/0193a1f2c3d4a1b2c3d4e5f6/"
+
+
+def _example_job(spec: dict | None = None, **overrides) -> dict:
+    spec = JobSpec.model_validate(spec or EXAMPLE_SPEC).model_dump(mode="json")
     job = {
         "id": "0193a1f2c3d4a1b2c3d4e5f6",
         "tenant": "team-a",
@@ -34,34 +60,10 @@ def _example_job(**overrides) -> dict:
         "stage": "aligning",
         "progress": 0.42,
         "detail": "aligning layer 5/12",
-        "name": "digits-vit",
-        "labels": {"team": "vision"},
-        "spec": {
-            "models": ["s3://models/vit-seed0/", "s3://models/vit-seed1/"],
-            "anchor": 0,
-            "method": "ot",
-            "policy": {
-                "alignment": "weights",
-                "solver": "sinkhorn",
-                "residual": "average",
-                "filter": "all",
-                "qk": "tied",
-                "samples": 200,
-                "device": "auto",
-            },
-            "regularizer": 0.05,
-            "weights": None,
-            "data": {
-                "activations": None,
-                "eval": "s3://models/digits/test.safetensors",
-                "finetune": None,
-            },
-            "finetune": None,
-            "output": None,
-            "name": "digits-vit",
-            "labels": {"team": "vision"},
-        },
-        "output": "s3://otfuse/fusions/team-a/0193a1f2c3d4a1b2c3d4e5f6/",
+        "name": spec["name"],
+        "labels": spec["labels"],
+        "spec": spec,
+        "output": OUT,
         "created_at": "2026-11-26T19:00:00.000Z",
         "updated_at": "2026-11-26T19:00:03.125Z",
         "started_at": "2026-11-26T19:00:00.180Z",
@@ -75,6 +77,12 @@ def _example_job(**overrides) -> dict:
     return job
 
 
+def _row(name: str, accuracy: float, loss: float, path: str | None = None) -> dict:
+    metrics = {"accuracy": accuracy, "loss": loss, "examples": 360}
+    kind = "parent" if name.startswith("parent") else name
+    return {"name": name, "kind": kind, "metrics": metrics, "path": path, "skipped": None}
+
+
 SUCCEEDED = _example_job(
     status="succeeded",
     stage=None,
@@ -82,14 +90,105 @@ SUCCEEDED = _example_job(
     detail="succeeded",
     finished_at="2026-11-26T19:00:09.870Z",
     result={
-        "checkpoint": "s3://otfuse/fusions/team-a/0193a1f2c3d4a1b2c3d4e5f6/",
-        "metrics_uri": "s3://otfuse/fusions/team-a/0193a1f2c3d4a1b2c3d4e5f6/metrics.json",
+        "checkpoint": OUT,
+        "metrics_uri": OUT + "metrics.json",
+        "report_uri": None,
+        "transport_maps_uri": None,
+        "chosen": None,
         "metrics": {
+            "schema_version": 1,
+            "task": "classification",
+            "primary_metric": "accuracy",
+            "models": EXAMPLE_SPEC["models"],
+            "anchor": 0,
+            "published": "fused",
+            "evaluation": [
+                _row("parent 0", 0.97, 0.1, "s3://models/vit-seed0"),
+                _row("parent 1", 0.9, 0.2, "s3://models/vit-seed1"),
+                _row("ensemble", 0.97, 0.09),
+                _row("vanilla", 0.31, 1.9),
+                _row("fused", 0.93, 0.25, "."),
+            ],
+            "sweep": None,
+            "finetune": None,
+            "artifacts": {"model": ".", "metrics": "metrics.json"},
             "fused": {"accuracy": 0.93, "loss": 0.25, "examples": 360},
             "parents": [
                 {"model": "s3://models/vit-seed0/", "accuracy": 0.97, "loss": 0.1, "examples": 360},
                 {"model": "s3://models/vit-seed1/", "accuracy": 0.9, "loss": 0.2, "examples": 360},
             ],
+            "job_id": "0193a1f2c3d4a1b2c3d4e5f6",
+            "fusion_seconds": 1.92,
+            "wall_seconds": 4.1,
+            "device": "cuda",
+        },
+        "urls": None,
+    },
+)
+
+FINETUNING = _example_job(
+    HEALED_SPEC,
+    stage="finetuning",
+    progress=0.71,
+    detail="finetune fused: step 40/60, loss 0.2113",
+)
+
+HEALED = _example_job(
+    HEALED_SPEC,
+    status="succeeded",
+    stage=None,
+    progress=1.0,
+    detail="succeeded",
+    finished_at="2026-11-26T19:01:12.410Z",
+    result={
+        "checkpoint": OUT,
+        "metrics_uri": OUT + "metrics.json",
+        "report_uri": OUT + "report.html",
+        "transport_maps_uri": OUT + "transport_maps.safetensors",
+        "chosen": {"solver": "sinkhorn", "reg": 0.055},
+        "metrics": {
+            "schema_version": 1,
+            "task": "classification",
+            "primary_metric": "accuracy",
+            "published": "fused+finetune",
+            "evaluation": [
+                _row("parent 0", 0.97, 0.1, "s3://models/vit-seed0"),
+                _row("parent 1", 0.9, 0.2, "s3://models/vit-seed1"),
+                _row("ensemble", 0.97, 0.09),
+                _row("vanilla", 0.31, 1.9),
+                _row("fused", 0.93, 0.25),
+                _row("vanilla+finetune", 0.89, 0.36),
+                _row("fused+finetune", 0.98, 0.07, "."),
+            ],
+            "sweep": {
+                "selected_on": "s3://models/digits/calib.safetensors",
+                "metric": "accuracy",
+                "chosen": {"solver": "sinkhorn", "reg": 0.055},
+                "points": [
+                    {
+                        "solver": "sinkhorn",
+                        "reg": 0.055,
+                        "calib": {"accuracy": 0.94, "loss": 0.22, "examples": 360},
+                        "eval": {"accuracy": 0.93, "loss": 0.25, "examples": 360},
+                        "seconds": 0.41,
+                        "chosen": True,
+                    }
+                ],
+            },
+            "finetune": {
+                "config": {"steps": 60, "lr": 0.001, "batch_size": 64, "device": "cuda"},
+                "runs": [
+                    {"model": "fused", "steps": 60, "stopped_by": "steps", "seconds": 3.2},
+                    {"model": "vanilla", "steps": 60, "stopped_by": "steps", "seconds": 3.1},
+                ],
+            },
+            "artifacts": {
+                "model": ".",
+                "transport_maps": "transport_maps.safetensors",
+                "report": "report.html",
+                "metrics": "metrics.json",
+            },
+            "job_id": "0193a1f2c3d4a1b2c3d4e5f6",
         },
         "urls": None,
     },
@@ -132,7 +231,9 @@ async def _owned(request: Request, job_id: str, who: str) -> tuple[bytes, dict]:
                 "application/json": {
                     "examples": {
                         "running": {"value": _example_job()},
+                        "finetuning": {"value": FINETUNING},
                         "succeeded": {"value": SUCCEEDED},
+                        "succeeded (sweep + finetune)": {"value": HEALED},
                     }
                 }
             },

@@ -3,6 +3,7 @@ isolation; openapi.yaml equals the app's schema."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,41 @@ INVALID = [
     ("unknown policy field", {"policy": {"solvr": "emd"}}, "policy.solvr"),
     ("zero regularizer", {"regularizer": 0}, "regularizer"),
     ("negative regularizer", {"regularizer": -0.5}, "regularizer"),
-    ("regularizer type", {"regularizer": "auto"}, "regularizer"),
+    ("regularizer type", {"regularizer": "fast"}, "regularizer"),
+    ("regularizer bool", {"regularizer": True}, "regularizer"),
+    ("empty regularizer list", {"regularizer": []}, "regularizer"),
+    ("long regularizer list", {"regularizer": [0.1] * 17}, "regularizer"),
+    ("regularizer list entry type", {"regularizer": [0.1, "auto"]}, "regularizer"),
+    (
+        "regularizer list entry",
+        {"regularizer": [0.1, 0], "data": {"calibration": "@D"}},
+        "regularizer.1",
+    ),
+    (
+        "sweep without calibration",
+        {"regularizer": "auto", "data": {"eval": "@D"}},
+        "data.calibration",
+    ),
+    (
+        "calibration is the eval data",
+        {"regularizer": [0.1, 0.2], "data": {"calibration": "@D", "eval": "@D"}},
+        "data.calibration",
+    ),
+    (
+        "activations calibrate a sweep: not the eval data",
+        {"regularizer": "auto", "data": {"activations": "@D", "eval": "@D"}},
+        "data.calibration",
+    ),
+    (
+        "sweep of vanilla",
+        {"method": "vanilla", "regularizer": [0.1, 0.2], "data": {"calibration": "@D"}},
+        "regularizer",
+    ),
+    (
+        "calibration outside roots",
+        {"data": {"calibration": "file:///etc/passwd"}},
+        "data.calibration",
+    ),
     ("weights count", {"weights": [1.0]}, "weights"),
     ("negative weights", {"weights": [1.0, -1.0]}, "weights"),
     ("activations needed", {"policy": {"alignment": "activations"}}, "data.activations"),
@@ -63,8 +98,35 @@ INVALID = [
     ("eval outside roots", {"data": {"eval": "file:///etc/passwd"}}, "data.eval"),
     ("eval is a folder", {"data": {"eval": "s3://b/folder/"}}, "data.eval"),
     ("unknown data kind", {"data": {"train": "file:///x"}}, "data.train"),
-    ("finetune", {"finetune": {"epochs": 1}}, "finetune"),
+    ("finetune without data", {"finetune": {"epochs": 1}}, "data.finetune"),
+    (
+        "finetune without budget",
+        {"finetune": {"lr": 0.001}, "data": {"finetune": "@D"}},
+        "finetune",
+    ),
+    ("finetune data without finetune", {"data": {"finetune": "@D"}}, "finetune"),
     ("finetune range", {"finetune": {"epochs": 0}}, "finetune.epochs"),
+    ("finetune steps", {"finetune": {"steps": 0}}, "finetune.steps"),
+    ("finetune lr", {"finetune": {"steps": 1, "lr": 2}}, "finetune.lr"),
+    ("finetune batch size", {"finetune": {"steps": 1, "batch_size": 0}}, "finetune.batch_size"),
+    ("finetune warmup", {"finetune": {"steps": 1, "warmup": 1}}, "finetune.warmup"),
+    (
+        "finetune baseline",
+        {"finetune": {"steps": 1, "baselines": ["ensemble"]}},
+        "finetune.baselines.0",
+    ),
+    (
+        "finetune longer than the time limit",
+        {"finetune": {"seconds": 5000}, "data": {"finetune": "@D"}},
+        "finetune.seconds",
+    ),
+    (
+        "finetune unknown field",
+        {"finetune": {"steps": 1, "learning_rate": 1}},
+        "finetune.learning_rate",
+    ),
+    ("unknown artifact", {"artifacts": {"plots": True}}, "artifacts.plots"),
+    ("artifact type", {"artifacts": {"report": "yes please"}}, "artifacts.report"),
     ("output scheme", {"output": "ftp://host/out/"}, "output"),
     ("output outside roots", {"output": "file:///tmp/elsewhere/"}, "output"),
     ("unknown field", {"regulariser": 0.1}, "regulariser"),
@@ -76,7 +138,8 @@ INVALID = [
 
 @pytest.mark.parametrize(("case", "change", "field"), INVALID, ids=[c[0] for c in INVALID])
 def test_invalid_spec_is_a_422_naming_the_field(client, parents, case, change, field):
-    body = _body(parents, **change)
+    data = f"file://{parents['data']}"
+    body = json.loads(json.dumps(_body(parents, **change)).replace("@D", data))
     models = [str(m).replace("ROOT", str(parents["root"])) for m in body["models"]]
     if isinstance(body["models"], list):
         for i, m in enumerate(models):

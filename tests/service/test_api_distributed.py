@@ -17,6 +17,7 @@ import httpx
 import pytest
 import transformers
 from conftest import REPO, wait_for
+from factories import image_data
 from fastapi.testclient import TestClient
 from test_api_embedded import HeldQueue
 
@@ -51,6 +52,8 @@ def stack(redis_url, s3_endpoint, parents, tmp_path_factory):
         for file in folder.iterdir():
             s3.upload_file(str(file), MODELS, f"vit-{i}/{file.name}")
     s3.upload_file(str(parents["data"]), MODELS, "data/images.safetensors")
+    calib = image_data(tmp_path_factory.mktemp("calib") / "calib.safetensors", seed=1)
+    s3.upload_file(str(calib), MODELS, "data/calib.safetensors")
 
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     worker_env = os.environ | env | {"PYTHONPATH": f"{Path(__file__).parent}:{REPO}"}
@@ -119,7 +122,9 @@ def keys(s3, bucket, prefix) -> list[str]:
 
 
 def test_distributed_end_to_end(api, stack, tmp_path):
-    response = api.post("/fusions", json=body(name="e2e"), headers=ALICE)
+    spec = body(name="e2e", regularizer=[0.05, "emd"], artifacts={"report": True})
+    spec["data"]["calibration"] = f"s3://{MODELS}/data/calib.safetensors"
+    response = api.post("/fusions", json=spec, headers=ALICE)
     assert response.status_code == 202, response.text
     job = wait_done(api, response.json()["id"])
     assert job["status"] == "succeeded", (job, stack["log"].read_text()[-3000:])
@@ -127,9 +132,15 @@ def test_distributed_end_to_end(api, stack, tmp_path):
     assert job["output"] == job["result"]["checkpoint"] == f"s3://{BUCKET}/{prefix}"
     s3 = stack["s3"]
     names = [k.removeprefix(prefix) for k in keys(s3, BUCKET, prefix)]
-    assert {"config.json", "model.safetensors", "metrics.json", "job.json", "fusion.json"} <= set(
-        names
-    )
+    assert set(names) == {
+        "config.json",
+        "model.safetensors",
+        "metrics.json",
+        "job.json",
+        "fusion.json",
+        "README.md",
+        "report.html",
+    }
     assert keys(s3, BUCKET, "_otfuse_tmp/") == []  # the temporary prefix is gone
     local = tmp_path / "fused"
     local.mkdir()
@@ -139,7 +150,16 @@ def test_distributed_end_to_end(api, stack, tmp_path):
     assert model.config.num_labels == 4
     assert job["result"]["metrics"]["fused"]["examples"] == 24
     url = job["result"]["urls"]["metrics.json"]
-    assert httpx.get(url).json()["job_id"] == job["id"]  # presigned, no credentials
+    metrics = httpx.get(url).json()  # presigned, no credentials
+    assert metrics["job_id"] == job["id"]
+    # The worker's temporary copies are named by the URIs users sent.
+    assert metrics["models"] == [f"s3://{MODELS}/vit-0", f"s3://{MODELS}/vit-1"]
+    assert metrics["sweep"]["selected_on"] == spec["data"]["calibration"]
+    assert job["result"]["chosen"] == metrics["sweep"]["chosen"]
+    assert job["result"]["report_uri"] == f"s3://{BUCKET}/{prefix}report.html"
+    report = httpx.get(job["result"]["urls"]["report.html"]).text
+    assert "data:image/png;base64," in report and "otfuse-" not in report
+    assert "otfuse-" not in (local / "README.md").read_text()
 
 
 def test_distributed_failure_names_the_uri(api, stack):

@@ -17,6 +17,7 @@ from service.app import create_app
 from service.queue import Queue
 from service.settings import Settings
 from worker import pipeline
+from worker.pipeline import inline_metrics
 
 DONE = ("succeeded", "failed", "cancelled")
 
@@ -74,10 +75,21 @@ def test_embedded_end_to_end(client, parents):
     model = transformers.ViTForImageClassification.from_pretrained(folder)
     assert model.config.hidden_size == 16
     metrics = json.loads((folder / "metrics.json").read_text())
-    assert metrics == result["metrics"]
-    assert metrics["job_id"] == job["id"]
+    assert inline_metrics(metrics) == result["metrics"]
+    assert metrics["job_id"] == job["id"] and metrics["schema_version"] == 1
     assert set(metrics["fused"]) == {"accuracy", "loss", "examples"}
     assert [p["model"] for p in metrics["parents"]] == [m + "/" for m in body["models"]]
+    assert [r["name"] for r in metrics["evaluation"]] == [
+        "parent 0",
+        "parent 1",
+        "ensemble",
+        "vanilla",
+        "fused",
+    ]
+    # The document names the URIs sent, not the worker's copies.
+    assert metrics["models"] == body["models"] and metrics["data"]["eval"] == body["data"]["eval"]
+    assert metrics["sweep"] is None and metrics["finetune"] is None
+    assert result["report_uri"] is None and result["transport_maps_uri"] is None
     as_run = json.loads((folder / "job.json").read_text())
     assert as_run["job_id"] == job["id"] and as_run["fusion_spec"]["reg"] == 0.05
     assert {"config.json", "model.safetensors", "fusion.json", "README.md"} <= {

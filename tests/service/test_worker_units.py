@@ -54,10 +54,10 @@ def test_rerun_after_a_crash_between_publish_and_record_publishes_once(env, monk
     def no_fusion(*a, **k):
         raise AssertionError("the job was fused again")
 
-    monkeypatch.setattr(fusion_core, "fuse", no_fusion)
+    monkeypatch.setattr(fusion_core, "fuse_job", no_fusion)
     assert run(env) == "succeeded"
     job = store.get(job_id)
-    assert job["attempts"] == 2 and job["result"]["metrics"] == first
+    assert job["attempts"] == 2 and job["result"]["metrics"] == pipeline.inline_metrics(first)
     assert json.loads((output / "metrics.json").read_text()) == first
 
 
@@ -94,9 +94,10 @@ def test_soft_time_limit_fails_the_job_cleanly(env, monkeypatch):
     _settings, store, _storage, job_id = env
 
     def slow(*a, **k):
+        k["stage"]("aligning")
         raise SoftTimeLimitExceeded()
 
-    monkeypatch.setattr(fusion_core, "fuse", slow)
+    monkeypatch.setattr(fusion_core, "fuse_job", slow)
     assert run(env) == "failed"
     job = store.get(job_id)
     assert job["error"]["type"] == "time_limit" and job["stage"] == "aligning"
@@ -160,3 +161,34 @@ def test_job_spec_defaults_match_fusion_core():
 
     ours = fusion_spec(JobSpec(models=["file:///a/", "file:///b/"]), "cpu")
     assert ours == FusionSpec()
+
+
+def test_finetune_defaults_match_fusion_core():
+    from fusion_core.finetune import FinetuneConfig
+    from service.models import Finetune
+    from service.validation import finetune_config
+
+    spec = JobSpec(
+        models=["file:///a/", "file:///b/"],
+        finetune=Finetune(steps=5),
+        data={"finetune": "file:///t"},
+    )
+    assert finetune_config(spec, "cpu") == FinetuneConfig(steps=5, device="cpu")
+
+
+def test_stage_spans_cover_the_job_in_order():
+    spans = pipeline.stage_spans(points=6, evaluated=True, finetune_runs=2)
+    order = ["downloading", "aligning", "evaluating", "finetuning", "uploading"]
+    edges = [x for stage in order for x in spans[stage]]
+    assert edges == sorted(edges) and edges[0] == 0.0 and edges[-1] == 1.0
+    assert spans["finetuning"][1] == pytest.approx(0.95)
+    plain = pipeline.stage_spans(points=1, evaluated=False, finetune_runs=0)
+    assert plain["finetuning"][0] == plain["finetuning"][1]
+
+
+def test_local_paths_become_uris_in_one_pass():
+    rewrite = pipeline.path_rewriter(
+        {"/tmp/w/model-0": "s3://m/a/", "/tmp/w/model-0/x.safetensors": "file:///d/x.safetensors"}
+    )
+    text = "/tmp/w/model-0 and /tmp/w/model-0/x.safetensors and /tmp/w/model-0/config.json"
+    assert rewrite(text) == ("s3://m/a and file:///d/x.safetensors and s3://m/a/config.json")
