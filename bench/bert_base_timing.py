@@ -48,14 +48,17 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     parents = make_parents(args.workdir)
     rows = []
-    for name, spec in (
-        ("weights + Sinkhorn", FusionSpec(solver="sinkhorn", reg=args.reg, device=args.device)),
-        ("weights + EMD", FusionSpec(solver="emd", device=args.device)),
-        (
+    methods = {
+        "sinkhorn": ("weights + Sinkhorn", dict(solver="sinkhorn", reg=args.reg)),
+        "emd": ("weights + EMD", dict(solver="emd")),
+        "shared": (
             "weights + Sinkhorn, shared stream",
-            FusionSpec(solver="sinkhorn", reg=args.reg, residual="shared", device=args.device),
+            dict(solver="sinkhorn", reg=args.reg, residual="shared"),
         ),
-    ):
+    }
+    for key in args.methods.split(","):
+        name, options = methods[key]
+        spec = FusionSpec(device=args.device, **options)
         out = args.workdir / "fused"
         shutil.rmtree(out, ignore_errors=True)
         started = time.perf_counter()

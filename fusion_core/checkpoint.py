@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLED_FILES = ("pytorch_model.bin", "model.pt", "pytorch_model.bin.index.json")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otfuse-hash")
 
 
 def _validate_safetensors(path: Path) -> set[str]:
@@ -71,6 +73,7 @@ class Checkpoint:
     allow_pickle: bool = False
     _handles: dict[Path, object] = field(default_factory=dict, repr=False)
     _pickled: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _hashes: Future | None = field(default=None, repr=False)
 
     @property
     def keys(self) -> list[str]:
@@ -105,8 +108,16 @@ class Checkpoint:
         return self._handles[file]
 
     def file_hashes(self) -> dict[str, str]:
-        files = sorted({*self.key_files.values(), self.path / "config.json"})
-        return {f.name: sha256_file(f) for f in files if f.exists()}
+        """sha256 of every file read; hashed in the background from the moment the
+        checkpoint is opened, so the fusion does not wait for it."""
+        if self._hashes is None:
+            self.start_hashing()
+        return self._hashes.result()
+
+    def start_hashing(self) -> None:
+        if self._hashes is None:
+            files = sorted({*self.key_files.values(), self.path / "config.json"})
+            self._hashes = _HASHER.submit(lambda: {f.name: sha256_file(f) for f in files})
 
 
 def sha256_file(path: Path) -> str:

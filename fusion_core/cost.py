@@ -5,12 +5,22 @@ from __future__ import annotations
 import torch
 
 
-def neuron_features(tensors: list[torch.Tensor], axes: list[int]) -> torch.Tensor:
-    """(n, F): each neuron's row across all tensors, the neuron axis moved first."""
-    rows = [
+def neuron_rows(tensors: list[torch.Tensor], axes: list[int]) -> list[torch.Tensor]:
+    """Per tensor, (n, F_t): each neuron's row, the neuron axis moved first (views where the
+    layout allows; the blocks are never concatenated, see `block_cost`)."""
+    return [
         t.movedim(axis, 0).reshape(t.shape[axis], -1) for t, axis in zip(tensors, axes, strict=True)
     ]
-    return torch.cat([r.float() for r in rows], dim=1)
+
+
+def block_cost(model_blocks: list[torch.Tensor], anchor_blocks: list[torch.Tensor]) -> torch.Tensor:
+    """`pairwise_cost` of the concatenated rows, summed block by block without building them."""
+    squared = None
+    for x, y in zip(model_blocks, anchor_blocks, strict=True):
+        x, y = x.float(), y.float()
+        part = x.pow(2).sum(-1)[:, None] + y.pow(2).sum(-1)[None, :] - 2 * (x @ y.T)
+        squared = part if squared is None else squared.add_(part)
+    return normalized(squared.clamp_min_(0).sqrt_())
 
 
 def pairwise_cost(model_features: torch.Tensor, anchor_features: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import solvers
-from .cost import neuron_features, pairwise_cost
+from .cost import block_cost, neuron_rows, pairwise_cost
 from .errors import CancelledError, IncompatibleModelsError
 from .families import Layer, Merge, Node, Param, Tap
 from .heads import head_matched_plans
@@ -249,18 +249,21 @@ class Engine:
                     }
                     a_tensors = {p.name: self._load(self.anchor, p.name) for p in m_params}
                     m_feat, a_feat = self._features(model, member, m_params, m_tensors, a_tensors)
-                model_rows.append(m_feat)
-                anchor_rows.append(a_feat)
-            feature_sets.append((torch.cat(model_rows, 1), torch.cat(anchor_rows, 1)))
+                model_rows += m_feat
+                anchor_rows += a_feat
+            feature_sets.append((model_rows, anchor_rows))
 
         if node.heads and self.spec.heads == "matched":
             plans, costs = head_matched_plans(
-                feature_sets, self.anchor.config_value("heads"), self.spec.solver, self.spec.reg
+                [(torch.cat(m, 1), torch.cat(a, 1)) for m, a in feature_sets],
+                self.anchor.config_value("heads"),
+                self.spec.solver,
+                self.spec.reg,
             )
         else:
             plans, costs = [], []
-            for model_features, anchor_features in feature_sets:
-                cost = pairwise_cost(model_features, anchor_features)
+            for model_blocks, anchor_blocks in feature_sets:
+                cost = block_cost(model_blocks, anchor_blocks)
                 plans.append(solvers.solve(cost, self.spec.solver, self.spec.reg))
                 costs.append(float((plans[-1] * cost).sum()))
         for members, plan, cost in zip(group, plans, costs, strict=True):
@@ -278,14 +281,15 @@ class Engine:
         return self.plans[model.index][node.defines]
 
     def _features(self, model, node, params, tensors, anchor_tensors):
+        """Row blocks (n, F_block) describing each neuron of the layer's output space."""
         if self.spec.alignment == "activations" and node.tap is not None:
             # (tokens, n) -> one row of activations per neuron
-            return self.acts[model.index][node.tap].T, self.acts[self.anchor.index][node.tap].T
+            return [self.acts[model.index][node.tap].T], [self.acts[self.anchor.index][node.tap].T]
         out_params = [p for p in params if ("out", node.defines) in p.axes]
         axes = [p.axes.index(("out", node.defines)) for p in out_params]
         return (
-            neuron_features([tensors[p.name] for p in out_params], axes),
-            neuron_features([anchor_tensors[p.name] for p in out_params], axes),
+            neuron_rows([tensors[p.name] for p in out_params], axes),
+            neuron_rows([anchor_tensors[p.name] for p in out_params], axes),
         )
 
     def _width(self, model: ParentModel, node: Layer, params: list[Param]) -> int:

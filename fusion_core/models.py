@@ -46,6 +46,7 @@ class ParentModel:
 
 def open_parent(index: int, path: str | Path, allow_pickle: bool = False) -> ParentModel:
     checkpoint = open_checkpoint(path, allow_pickle=allow_pickle)
+    checkpoint.start_hashing()  # recorded in fusion.json; overlaps with the fusion
     family, architecture = resolve_family(checkpoint.config, where=f"model {index} ({path}): ")
     keys: dict[str, str] = {}
     for key in checkpoint.keys:
