@@ -380,7 +380,7 @@ class Run:
         # fuse_job names the worker's copies; users know the URIs they sent.
         rewrite = path_rewriter(self.local_paths)
         metrics = rewrite_strings(result.metrics, rewrite)
-        for name in ("README.md", "report.html"):
+        for name in ("README.md", "report.html", "fusion.json"):
             if (out / name).is_file():
                 text = (out / name).read_text()
                 (out / name).write_text(rewrite(text))

@@ -5,6 +5,7 @@ once; idempotency and tenants on the Redis store."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -159,7 +160,10 @@ def test_distributed_end_to_end(api, stack, tmp_path):
     assert job["result"]["report_uri"] == f"s3://{BUCKET}/{prefix}report.html"
     report = httpx.get(job["result"]["urls"]["report.html"]).text
     assert "data:image/png;base64," in report and "otfuse-" not in report
-    assert "otfuse-" not in (local / "README.md").read_text()
+    for name in ("README.md", "fusion.json"):
+        assert "otfuse-" not in (local / name).read_text(), name
+    record = json.loads((local / "fusion.json").read_text())
+    assert [p["path"] for p in record["parents"]] == metrics["models"]
 
 
 def test_distributed_failure_names_the_uri(api, stack):
