@@ -384,7 +384,10 @@ class Run:
             if (out / name).is_file():
                 text = (out / name).read_text()
                 (out / name).write_text(rewrite(text))
-        self._close_stage()
+        stages = dict(self.stage_seconds)  # so far; "uploading" goes on after this
+        if self.stage:
+            running = time.perf_counter() - self.stage_started
+            stages[self.stage] = stages.get(self.stage, 0) + running
         metrics.update(self._summary(metrics, spec))
         metrics.update(
             {
@@ -392,7 +395,7 @@ class Run:
                 "fusion_seconds": round(metrics.get("seconds", {}).get("fusion", 0.0), 3),
                 "job_seconds": round(job_seconds, 3),
                 "wall_seconds": round(time.perf_counter() - started, 3),
-                "stages": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+                "stages": {k: round(v, 3) for k, v in stages.items()},
                 "device": device,
             }
         )

@@ -150,8 +150,9 @@ def test_finetune_job_reports_before_after_and_respects_its_budget(
     assert all("losses" not in r and "lr" not in r for r in inline)
     assert job["result"]["metrics"]["published"] == "fused+finetune"
     # Stages in order, progress never going back.
-    stages = [s for i, s in enumerate(recorded["stages"]) if s not in recorded["stages"][:i]]
-    assert stages == ["downloading", "aligning", "evaluating", "finetuning", "uploading"]
+    order = ["downloading", "aligning", "evaluating", "finetuning", "uploading"]
+    assert recorded["stages"] == order  # each once
+    assert list(metrics["stages"]) == order and all(v >= 0 for v in metrics["stages"].values())
     values = recorded["progress"]
     assert values == sorted(values) and values[-1] <= 1.0
     assert job["progress"] == 1.0
