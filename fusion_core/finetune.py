@@ -45,7 +45,7 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     seed: int = 0
-    device: str = "cpu"
+    device: str | None = None  # None: the job's device (fuse_job), else cpu
 
     def validate(self) -> FinetuneConfig:
         if self.steps is None and self.epochs is None and self.seconds is None:
@@ -110,8 +110,8 @@ def finetune(
     if task == "masked-lm" and LABELS not in data:
         mask_id = checkpoint.config.get("mask_token_id") or _mask_token_id(model_dir)
 
-    device = torch.device(config.device)
-    model = load_live_model(model_dir, architecture, config.device)
+    device = torch.device(config.device or "cpu")
+    model = load_live_model(model_dir, architecture, str(device))
     model.train()
     count = next(iter(data.values())).shape[0]
     batch_size = min(config.batch_size, count)

@@ -12,6 +12,7 @@ at the end: a failed or cancelled job leaves nothing at `out`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -100,6 +101,8 @@ def fuse_job(
         finetune_config = FinetuneConfig(device=spec.device)
     if finetune_config is not None:
         finetune_config = finetune_config.validate()
+        if finetune_config.device is None:
+            finetune_config = dataclasses.replace(finetune_config, device=spec.device)
     if finetune_baselines and finetune_config is None:
         raise InputError("finetune baselines need a finetune (--finetune-data)")
     calib_file = calib_data if calib_data is not None else (data if len(points) > 1 else None)

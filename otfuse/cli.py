@@ -379,8 +379,11 @@ def _summary(metrics: dict) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import transformers
+
     from fusion_core import evaluate
 
+    transformers.utils.logging.disable_progress_bar()
     print(json.dumps(evaluate(args.model, args.data, device=args.device), indent=2))
     return 0
 

@@ -131,3 +131,33 @@ def test_sweep_refuses_to_choose_on_the_eval_data(pair, tmp_path):
     with pytest.raises(InputError, match="calib"):
         fuse_job(pair["models"], tmp_path / "out", regs="auto", eval_data=pair["eval"])
     assert not (tmp_path / "out").exists()
+
+
+def test_mlm_sweep_is_chosen_by_calibration_loss(tmp_path):
+    from factories import text_data, tiny_bert
+
+    models = [
+        save(tiny_bert("BertForMaskedLM", seed=s, mask_token_id=4), tmp_path / f"m{s}")
+        for s in (1, 2)
+    ]
+    calib = text_data(tmp_path / "calib.safetensors", seed=1, labels=False)
+    test = text_data(tmp_path / "test.safetensors", seed=2, labels=False)
+    progress = []
+    result = fuse_job(
+        models,
+        tmp_path / "out",
+        regs="0.05,1.0",
+        eval_data=test,
+        calib_data=calib,
+        progress=lambda p: progress.append(p.step / p.total),
+    )
+    metrics = result.metrics
+    assert metrics["task"] == "masked-lm" and metrics["sweep"]["metric"] == "loss"
+    losses = [p["calib"]["loss"] for p in metrics["sweep"]["points"]]
+    chosen = [p["chosen"] for p in metrics["sweep"]["points"]]
+    assert chosen[losses.index(min(losses))] is True
+    rows = {r["name"]: r for r in metrics["evaluation"]}
+    assert set(rows) == {"parent 0", "parent 1", "ensemble", "vanilla", "fused"}
+    assert all(r["metrics"]["perplexity"] > 1 for r in rows.values())
+    sweep_progress = progress[: progress.index(max(progress)) + 1]
+    assert sweep_progress == sorted(sweep_progress)  # monotone over the sweep
