@@ -127,10 +127,10 @@ def run_sweep(
         started = time.perf_counter()
 
         def inner(p: Progress, i=i, point=point) -> None:
-            # one monotone progress over the whole sweep: point i covers [i, i + 1) / n
+            # step/total is the progress within point i; the detail names the point
+            # ("sweep i/n (...): ..."), which the service's worker parses: keep both as is
             prefix = f"sweep {i + 1}/{len(points)} ({point.label}): " if len(points) > 1 else ""
-            total = max(p.total, 1)
-            report(Progress(i * total + p.step, len(points) * total, prefix + p.detail))
+            report(Progress(p.step, p.total, prefix + p.detail))
 
         fused = fuse_prepared(prepared, folder, spec, inner, should_cancel, keep_plans=keep_plans)
         seconds = time.perf_counter() - started
