@@ -88,7 +88,8 @@ class Engine:
         self.records: list[PlanRecord] = []
         self.groups = self._solve_groups()
         self._maps: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.stream = self._stream_spaces() if spec.residual == "shared" else set()
+        shared = spec.residual == "shared" and spec.method == "ot"  # vanilla: no plans to share
+        self.stream = self._stream_spaces() if shared else set()
 
     def _solve_groups(self) -> dict[str, list[list[Layer]]]:
         """Layers whose plans are solved together, as sets of layers sharing one plan: tied
@@ -126,6 +127,7 @@ class Engine:
             for space in [s for s in plans if s not in self.stream]:
                 del plans[space]
         self._maps.clear()
+        first_record = len(self.records)
         fused: dict[str, torch.Tensor] = {}
         order = list(dict.fromkeys(self.blocks))
         previous = None
@@ -140,6 +142,7 @@ class Engine:
             else:
                 fused.update(self._layer(node, emit))
         if not emit:
+            del self.records[first_record:]  # a refinement pass: only the final plans count
             return EngineResult({}, [])
         self.progress(Progress(len(order), len(order), "aligned"))
         for node in self.nodes:  # tied copies (MLM decoder) repeat their fused source

@@ -45,3 +45,22 @@ def test_vanilla_fusion_is_the_plain_average(tmp_path):
     for key, tensor in fused.items():
         if tensor.is_floating_point():
             torch.testing.assert_close(tensor, 0.75 * sa[key] + 0.25 * sb[key], msg=key)
+
+
+def test_vanilla_ignores_the_shared_stream_policy(tmp_path):
+    a, b = tiny_vit(seed=1), tiny_vit(seed=2)
+    folders = [save(a, tmp_path / "a"), save(b, tmp_path / "b")]
+    fuse(folders, tmp_path / "out", FusionSpec(device=DEVICE, method="vanilla", residual="shared"))
+    fused = load_file(str(tmp_path / "out" / "model.safetensors"))
+    key = next(k for k in fused if k.endswith("layernorm.weight"))
+    assert fused[key].shape == a.state_dict()["vit.layernorm.weight"].shape
+
+
+def test_shared_stream_records_each_plan_once(tmp_path):
+    import json
+
+    folders = [save(tiny_vit(seed=1), tmp_path / "a"), save(tiny_vit(seed=2), tmp_path / "b")]
+    fuse(folders, tmp_path / "out", FusionSpec(device=DEVICE, residual="shared"))
+    plans = json.loads((tmp_path / "out" / "fusion.json").read_text())["plans"]
+    spaces = [p["space"] for p in plans]
+    assert len(spaces) == len(set(spaces)) and "stream" in spaces
