@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -193,9 +192,3 @@ def _open_pickled(folder: Path, config: dict, file: Path) -> Checkpoint:
     checkpoint = Checkpoint(folder, config, dict.fromkeys(state, file), allow_pickle=True)
     checkpoint._pickled = state
     return checkpoint
-
-
-def human_bytes(count: float) -> str:
-    units = ["B", "KiB", "MiB", "GiB", "TiB"]
-    power = min(int(math.log(max(count, 1), 1024)), len(units) - 1)
-    return f"{count / 1024**power:.1f} {units[power]}"

@@ -9,7 +9,7 @@ from disk one layer at a time and each fused tensor is produced once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 import torch
@@ -392,7 +392,3 @@ class Engine:
             return float(r / (r + b).clamp_min(1e-12))
         r, b = residual.mean(0), branch.mean(0)  # weighted-matrix: one weight per neuron
         return r / (r + b).clamp_min(1e-12)
-
-
-def iter_plans(result: EngineResult) -> Iterator[PlanRecord]:
-    yield from result.plans
