@@ -14,12 +14,16 @@ def neuron_rows(tensors: list[torch.Tensor], axes: list[int]) -> list[torch.Tens
 
 
 def block_cost(model_blocks: list[torch.Tensor], anchor_blocks: list[torch.Tensor]) -> torch.Tensor:
-    """`pairwise_cost` of the concatenated rows, summed block by block without building them."""
-    squared = None
+    """`pairwise_cost` of the concatenated rows, accumulated block by block without building
+    them: squared norms and one Gram matrix (in place), combined once at the end."""
+    gram = None
+    model_sq, anchor_sq = 0.0, 0.0
     for x, y in zip(model_blocks, anchor_blocks, strict=True):
         x, y = x.float(), y.float()
-        part = x.pow(2).sum(-1)[:, None] + y.pow(2).sum(-1)[None, :] - 2 * (x @ y.T)
-        squared = part if squared is None else squared.add_(part)
+        model_sq = model_sq + x.pow(2).sum(-1)
+        anchor_sq = anchor_sq + y.pow(2).sum(-1)
+        gram = x @ y.T if gram is None else gram.addmm_(x, y.T)
+    squared = gram.mul_(-2).add_(model_sq[:, None]).add_(anchor_sq[None, :])
     return normalized(squared.clamp_min_(0).sqrt_())
 
 

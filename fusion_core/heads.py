@@ -32,9 +32,11 @@ def head_matched_plans(
     within = []
     for model_features, anchor_features in feature_sets:
         d_m, d_a = model_features.shape[0] // heads, anchor_features.shape[0] // heads
-        m = model_features.reshape(heads, d_m, -1)
-        a = anchor_features.reshape(heads, d_a, -1)
-        within.append(normalized(euclidean(m[:, None], a[None, :])))  # (H_m, H_a, d_m, d_a)
+        # One 2-D distance matrix, viewed per head pair: a broadcast batched product would
+        # copy both operands once per pair.
+        full = euclidean(model_features, anchor_features)  # (H*d_m, H*d_a)
+        pairs = full.reshape(heads, d_m, heads, d_a).permute(0, 2, 1, 3)  # (H_m, H_a, d_m, d_a)
+        within.append(normalized(pairs))
 
     # Head pair cost: how far each dimension is from its nearest partner in the other head,
     # both ways (a cheap bound on the within-head matching cost; zero for a permuted head).
