@@ -22,7 +22,7 @@ def _otfuse(*args: str) -> str:
     return done.stdout
 
 
-def run_demo(workdir: Path, epochs: int = 40, reg: float = 0.05) -> dict:
+def run_demo(workdir: Path, epochs: int = 40) -> dict:
     from .digits import load_digits_splits, save_model, save_split, train_vit
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -43,7 +43,7 @@ def run_demo(workdir: Path, epochs: int = 40, reg: float = 0.05) -> dict:
     results = {}
     for name, flags in (
         ("vanilla", ["--method", "vanilla"]),
-        ("ot", ["--solver", "sinkhorn", "--reg", str(reg)]),
+        ("ot", ["--alignment", "activations", "--solver", "emd", "--residual", "shared"]),
     ):
         out = workdir / f"fused-{name}"
         shutil.rmtree(out, ignore_errors=True)

@@ -239,7 +239,7 @@ def run_service_demo(workdir: Path, port: int, epochs: int = 40) -> dict:
         env=env,
     )
     try:
-        parents, test = _digits_parents(workdir, epochs)
+        parents, test, calib = _digits_parents(workdir, epochs)
         client = httpx.Client(base_url=url, timeout=30)
         deadline = time.monotonic() + 120
         while True:
@@ -252,7 +252,13 @@ def run_service_demo(workdir: Path, port: int, epochs: int = 40) -> dict:
                 raise CommandError("the embedded service did not start")
             time.sleep(0.2)
         jobs = {}
-        for name, extra in (("ot", {"regularizer": 0.05}), ("vanilla", {"method": "vanilla"})):
+        # OT: the recipe that works best one-shot on these parents (docs/benchmarks.md):
+        # activations on calibration images, exact plans, one TM for the residual stream.
+        recipe = {
+            "policy": {"alignment": "activations", "solver": "emd", "residual": "shared"},
+            "data": {"eval": f"file://{test}", "activations": f"file://{calib}"},
+        }
+        for name, extra in (("ot", recipe), ("vanilla", {"method": "vanilla"})):
             spec = {
                 "models": [f"file://{p}" for p in parents],
                 "data": {"eval": f"file://{test}"},
@@ -283,12 +289,13 @@ def run_service_demo(workdir: Path, port: int, epochs: int = 40) -> dict:
     return jobs
 
 
-def _digits_parents(workdir: Path, epochs: int) -> tuple[list[Path], Path]:
+def _digits_parents(workdir: Path, epochs: int) -> tuple[list[Path], Path, Path]:
     from .digits import load_digits_splits, save_model, save_split, train_vit
 
     workdir.mkdir(parents=True, exist_ok=True)
     splits = load_digits_splits()
     test = save_split(splits.test, workdir / "test.safetensors")
+    calib = save_split(splits.calib, workdir / "calib.safetensors")
     parents = []
     for seed in (0, 1):
         folder = workdir / f"parent-{seed}"
@@ -296,7 +303,7 @@ def _digits_parents(workdir: Path, epochs: int) -> tuple[list[Path], Path]:
             print(f"training parent {seed} on digits ({epochs} epochs)...", file=sys.stderr)
             save_model(train_vit(seed, splits, epochs=epochs), folder)
         parents.append(folder)
-    return parents, test
+    return parents, test, calib
 
 
 if __name__ == "__main__":
