@@ -10,4 +10,5 @@ python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[dev]"
 ruff check .
+ruff format --check .
 python -m pytest -q "$@"
