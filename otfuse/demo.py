@@ -23,22 +23,12 @@ def _otfuse(*args: str) -> str:
 
 
 def run_demo(workdir: Path, epochs: int = 40) -> dict:
-    from .digits import load_digits_splits, save_model, save_split, train_vit
+    from .digits import cached_parents
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    splits = load_digits_splits()
-    test = save_split(splits.test, workdir / "test.safetensors")
-    calib = save_split(splits.calib, workdir / "calib.safetensors")
-    parents = []
-    for seed in (0, 1):
-        folder = workdir / f"parent-{seed}"
-        if not (folder / "model.safetensors").is_file():
-            print(f"training parent {seed} on digits ({epochs} epochs)...", file=sys.stderr)
-            save_model(
-                train_vit(seed, splits, epochs=epochs, log=lambda m: print(m, file=sys.stderr)),
-                folder,
-            )
-        parents.append(str(folder))
+    folders, test, calib = cached_parents(
+        workdir, epochs, log=lambda message: print(message, file=sys.stderr)
+    )
+    parents = [str(folder) for folder in folders]
 
     results = {}
     for name, flags in (

@@ -103,3 +103,23 @@ def save_split(split: tuple[torch.Tensor, torch.Tensor], path: Path) -> Path:
 def save_model(model: torch.nn.Module, folder: Path) -> Path:
     model.save_pretrained(str(folder))
     return folder
+
+
+def cached_parents(
+    workdir: Path, epochs: int = 40, seeds: tuple[int, ...] = (0, 1), log=None
+) -> tuple[list[Path], Path, Path]:
+    """The demos' parents: ViTs trained from `seeds` once and cached in `workdir` as
+    parent-<seed>/, with the test and calibration splits saved beside them."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    splits = load_digits_splits()
+    test = save_split(splits.test, workdir / "test.safetensors")
+    calib = save_split(splits.calib, workdir / "calib.safetensors")
+    parents = []
+    for seed in seeds:
+        folder = workdir / f"parent-{seed}"
+        if not (folder / "model.safetensors").is_file():
+            if log:
+                log(f"training parent {seed} on digits ({epochs} epochs)...")
+            save_model(train_vit(seed, splits, epochs=epochs, log=log), folder)
+        parents.append(folder)
+    return parents, test, calib

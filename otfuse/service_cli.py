@@ -290,20 +290,9 @@ def run_service_demo(workdir: Path, port: int, epochs: int = 40) -> dict:
 
 
 def _digits_parents(workdir: Path, epochs: int) -> tuple[list[Path], Path, Path]:
-    from .digits import load_digits_splits, save_model, save_split, train_vit
+    from .digits import cached_parents
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    splits = load_digits_splits()
-    test = save_split(splits.test, workdir / "test.safetensors")
-    calib = save_split(splits.calib, workdir / "calib.safetensors")
-    parents = []
-    for seed in (0, 1):
-        folder = workdir / f"parent-{seed}"
-        if not (folder / "model.safetensors").is_file():
-            print(f"training parent {seed} on digits ({epochs} epochs)...", file=sys.stderr)
-            save_model(train_vit(seed, splits, epochs=epochs), folder)
-        parents.append(folder)
-    return parents, test, calib
+    return cached_parents(workdir, epochs, log=lambda message: print(message, file=sys.stderr))
 
 
 if __name__ == "__main__":
