@@ -108,6 +108,39 @@ REGULARIZER_HELP = (
 )
 
 
+# Request examples, shown in openapi.yaml and reused by the responses' examples.
+EXAMPLE_SPEC = {
+    "models": ["s3://models/vit-seed0/", "s3://models/vit-seed1/"],
+    "method": "ot",
+    "policy": {"alignment": "weights", "solver": "sinkhorn"},
+    "regularizer": 0.05,
+    "data": {"eval": "s3://models/digits/test.safetensors"},
+    "name": "digits-vit",
+    "labels": {"team": "vision"},
+}
+HEALED_EXAMPLE_SPEC = {
+    "models": ["s3://models/vit-seed0/", "s3://models/vit-seed1/"],
+    "policy": {"alignment": "activations", "residual": "shared"},
+    "regularizer": "auto",
+    "data": {
+        "activations": "s3://models/digits/calib.safetensors",
+        "calibration": "s3://models/digits/calib.safetensors",
+        "eval": "s3://models/digits/test.safetensors",
+        "finetune": "s3://models/digits/train.safetensors",
+    },
+    "finetune": {
+        "steps": 60,
+        "seconds": 600,
+        "lr": 0.001,
+        "batch_size": 64,
+        "baselines": ["vanilla"],
+    },
+    "artifacts": {"transport_maps": True, "report": True},
+    "name": "digits-vit-healed",
+    "labels": {"team": "vision"},
+}
+
+
 class JobSpec(Strict):
     """A fusion job: fuse, optionally sweep the regularizer, compare with baselines on eval
     data, optionally finetune, publish the checkpoint and metrics.json (+ artifacts)."""
@@ -159,39 +192,7 @@ class JobSpec(Strict):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "models": ["s3://models/vit-seed0/", "s3://models/vit-seed1/"],
-                    "method": "ot",
-                    "policy": {"alignment": "weights", "solver": "sinkhorn"},
-                    "regularizer": 0.05,
-                    "data": {"eval": "s3://models/digits/test.safetensors"},
-                    "name": "digits-vit",
-                    "labels": {"team": "vision"},
-                },
-                {
-                    "models": ["s3://models/vit-seed0/", "s3://models/vit-seed1/"],
-                    "policy": {"alignment": "activations", "residual": "shared"},
-                    "regularizer": "auto",
-                    "data": {
-                        "activations": "s3://models/digits/calib.safetensors",
-                        "calibration": "s3://models/digits/calib.safetensors",
-                        "eval": "s3://models/digits/test.safetensors",
-                        "finetune": "s3://models/digits/train.safetensors",
-                    },
-                    "finetune": {
-                        "steps": 60,
-                        "seconds": 600,
-                        "lr": 0.001,
-                        "batch_size": 64,
-                        "baselines": ["vanilla"],
-                    },
-                    "artifacts": {"transport_maps": True, "report": True},
-                    "name": "digits-vit-healed",
-                },
-            ]
-        },
+        json_schema_extra={"examples": [EXAMPLE_SPEC, HEALED_EXAMPLE_SPEC]},
     )
 
 

@@ -13,7 +13,16 @@ from fastapi.responses import JSONResponse, Response
 
 from .. import jobs
 from ..auth import tenant, tenant_of
-from ..models import DONE, Job, JobList, JobSpec, Problem, Status
+from ..models import (
+    DONE,
+    EXAMPLE_SPEC,
+    HEALED_EXAMPLE_SPEC,
+    Job,
+    JobList,
+    JobSpec,
+    Problem,
+    Status,
+)
 from ..problems import ProblemError
 from ..store import decode_token, encode_token, peek
 
@@ -26,28 +35,6 @@ def _problem_responses(*codes: int) -> dict:
     return {c: {"model": Problem} for c in codes}
 
 
-EXAMPLE_SPEC = {
-    "models": ["s3://models/vit-seed0/", "s3://models/vit-seed1/"],
-    "regularizer": 0.05,
-    "data": {"eval": "s3://models/digits/test.safetensors"},
-    "name": "digits-vit",
-    "labels": {"team": "vision"},
-}
-HEALED_SPEC = {
-    "models": ["s3://models/vit-seed0/", "s3://models/vit-seed1/"],
-    "policy": {"alignment": "activations", "residual": "shared"},
-    "regularizer": "auto",
-    "data": {
-        "activations": "s3://models/digits/calib.safetensors",
-        "calibration": "s3://models/digits/calib.safetensors",
-        "eval": "s3://models/digits/test.safetensors",
-        "finetune": "s3://models/digits/train.safetensors",
-    },
-    "finetune": {"steps": 60, "lr": 0.001, "batch_size": 64, "baselines": ["vanilla"]},
-    "artifacts": {"transport_maps": True, "report": True},
-    "name": "digits-vit-healed",
-    "labels": {"team": "vision"},
-}
 OUT = "s3://otfuse/fusions/team-a/0193a1f2c3d4a1b2c3d4e5f6/"
 
 
@@ -127,14 +114,14 @@ SUCCEEDED = _example_job(
 )
 
 FINETUNING = _example_job(
-    HEALED_SPEC,
+    HEALED_EXAMPLE_SPEC,
     stage="finetuning",
     progress=0.71,
     detail="finetune fused: step 40/60, loss 0.2113",
 )
 
 HEALED = _example_job(
-    HEALED_SPEC,
+    HEALED_EXAMPLE_SPEC,
     status="succeeded",
     stage=None,
     progress=1.0,
