@@ -15,9 +15,11 @@ from . import __version__
 from .activations import collect
 from .checkpoint import sha256_file
 from .data import load_data
+from .device import check_device
 from .engine import Engine, PlanRecord, Progress
 from .errors import InputError
 from .families import Layer, Merge, Tap
+from .limits import Limits
 from .modelcard import model_card
 from .models import ParentModel, check_compatible, open_parent
 from .spec import FusionSpec
@@ -59,6 +61,7 @@ def fuse(
     should_cancel: Callable[[], bool] | None = None,
     allow_pickle: bool = False,
     metrics: dict | None = None,
+    limits: Limits | None = None,
 ) -> FusionReport:
     """Fuse two or more HF checkpoint folders into `out` (written atomically).
 
@@ -69,7 +72,7 @@ def fuse(
     spec = (spec or FusionSpec()).validate(len(model_dirs))
     out = Path(out)
     check_output_dir(out)
-    prepared = prepare(model_dirs, spec, data, progress, allow_pickle)
+    prepared = prepare(model_dirs, spec, data, progress, allow_pickle, limits)
     return fuse_prepared(prepared, out, prepared.spec, progress, should_cancel, metrics)
 
 
@@ -79,12 +82,17 @@ def prepare(
     data: str | Path | None = None,
     progress: ProgressCallback | None = None,
     allow_pickle: bool = False,
+    limits: Limits | None = None,
 ) -> Prepared:
-    """Open and check the parents and collect the activations `spec` needs (once)."""
+    """Open and check the parents (sizes under `limits`, configs matching their tensors,
+    before anything is allocated) and collect the activations `spec` needs (once)."""
     started = time.perf_counter()
     spec = (spec or FusionSpec()).validate(len(model_dirs))
+    check_device(spec.device)
     report = progress or (lambda _p: None)
     parents = [open_parent(i, path, allow_pickle) for i, path in enumerate(model_dirs)]
+    for parent in parents:
+        (limits or Limits()).check(parent)
     anchor = parents[spec.anchor]
     nodes = anchor.family.nodes(anchor.architecture, anchor.config_value("layers"))
     check_compatible([anchor, *[p for p in parents if p is not anchor]], [n for _, n in nodes])

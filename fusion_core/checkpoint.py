@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,43 +24,93 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLED_FILES = ("pytorch_model.bin", "model.pt", "pytorch_model.bin.index.json")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_JSON_BYTES = 16 * 1024 * 1024  # config.json and shard indexes are kilobytes
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otfuse-hash")
 
 
-def _validate_safetensors(path: Path) -> set[str]:
-    """Check a file's header and that every tensor's bytes are present; return its keys.
+# Element sizes of the dtypes safetensors files carry; anything else is refused.
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+MAX_NDIM = 8
 
-    safetensors maps lazily, so a truncated file would otherwise only fail mid-fusion.
+
+def _validate_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
+    """Check a file's header against the format and the file's size; return key -> shape.
+
+    Every entry must name a known dtype, a shape of non-negative ints and offsets inside the
+    file whose length matches the shape, so nothing later reads past the data or allocates
+    what the header does not back with bytes. safetensors maps lazily, so a truncated file
+    would otherwise only fail mid-fusion.
     """
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        raw_len = handle.read(8)
-        if len(raw_len) < 8:
-            raise InputError(f"{path}: not a safetensors file (shorter than its header)")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > min(_MAX_HEADER_BYTES, size - 8):
-            raise InputError(f"{path}: corrupt safetensors header (length {header_len})")
-        try:
-            header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(
-                f"{path}: corrupt safetensors header ({exc.__class__.__name__})"
-            ) from exc
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            raw_len = handle.read(8)
+            if len(raw_len) < 8:
+                raise InputError(f"{path}: not a safetensors file (shorter than its header)")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > min(_MAX_HEADER_BYTES, size - 8):
+                raise InputError(f"{path}: corrupt safetensors header (length {header_len})")
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(f"{path}: corrupt safetensors header ({exc.__class__.__name__})") from exc
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header")
     data_size = size - 8 - header_len
-    keys = set()
+    shapes: dict[str, tuple[int, ...]] = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        try:
-            _, end = info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{path}: corrupt safetensors entry for {key!r}") from exc
-        if end > data_size:
-            raise InputError(f"{path}: truncated: tensor {key!r} ends past the end of the file")
-        keys.add(key)
-    return keys
+        shapes[key] = _entry_shape(path, key, info, data_size)
+    return shapes
+
+
+def _entry_shape(path: Path, key: str, info, data_size: int) -> tuple[int, ...]:
+    def corrupt(why: str) -> InputError:
+        return InputError(f"{path}: corrupt safetensors entry {key!r}: {why}")
+
+    if not isinstance(info, dict):
+        raise corrupt("not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise corrupt(f"unknown dtype {dtype!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(type(d) is int and d >= 0 for d in shape)
+    ):
+        raise corrupt(f"shape {shape!r} is not a list of at most {MAX_NDIM} sizes")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise corrupt(f"data_offsets {offsets!r} are not [start, end]")
+    if offsets[1] > data_size:
+        raise InputError(f"{path}: truncated: tensor {key!r} ends past the end of the file")
+    if math.prod(shape) * DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
+        raise corrupt(f"shape {shape} of {dtype} does not fill offsets {offsets}")
+    return tuple(shape)
 
 
 @dataclass
@@ -69,6 +120,7 @@ class Checkpoint:
     path: Path
     config: dict
     key_files: dict[str, Path]
+    shapes: dict[str, tuple[int, ...]]  # from the headers: known without reading any data
     allow_pickle: bool = False
     _handles: dict[Path, object] = field(default_factory=dict, repr=False)
     _pickled: dict[str, torch.Tensor] | None = field(default=None, repr=False)
@@ -79,9 +131,11 @@ class Checkpoint:
         return list(self.key_files)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        if self._pickled is not None:
-            return tuple(self._pickled[key].shape)
-        return tuple(self._handle(self.key_files[key]).get_slice(key).get_shape())
+        return self.shapes[key]
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes.values())
 
     def tensor(self, key: str) -> torch.Tensor:
         if self._pickled is not None:
@@ -103,7 +157,10 @@ class Checkpoint:
 
     def _handle(self, file: Path):
         if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own error types
+                raise InputError(f"{file}: not a readable safetensors file: {exc}") from exc
         return self._handles[file]
 
     def file_hashes(self) -> dict[str, str]:
@@ -137,18 +194,13 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise InputError(f"{folder}: missing config.json")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{config_file}: invalid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise InputError(f"{config_file}: expected a JSON object")
-
+    config = read_json_file(config_file, "config")
     single, index = folder / SAFETENSORS_FILE, folder / SAFETENSORS_INDEX
     if single.is_file():
-        return Checkpoint(folder, config, {key: single for key in _validate_safetensors(single)})
+        shapes = _validate_safetensors(single)
+        return Checkpoint(folder, config, dict.fromkeys(shapes, single), shapes)
     if index.is_file():
-        return Checkpoint(folder, config, _read_index(index))
+        return Checkpoint(folder, config, *_read_index(index))
     pickled = [folder / name for name in PICKLED_FILES if (folder / name).is_file()]
     if pickled and allow_pickle:
         return _open_pickled(folder, config, pickled[0])
@@ -160,25 +212,48 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
     raise InputError(f"{folder}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}")
 
 
-def _read_index(index: Path) -> dict[str, Path]:
+def read_json_file(path: Path, what: str) -> dict:
+    """A small JSON object file (config, shard index), size-capped before it is parsed."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InputError(f"{index}: invalid shard index ({exc})") from exc
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise InputError(f"{path}: {what} is larger than {MAX_JSON_BYTES >> 20} MiB")
+        value = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InputError(f"{path}: invalid JSON ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return value
+
+
+def _read_index(index: Path) -> tuple[dict[str, Path], dict[str, tuple[int, ...]]]:
+    weight_map = read_json_file(index, "shard index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{index}: invalid shard index (no weight_map object)")
     key_files: dict[str, Path] = {}
-    shard_keys: dict[Path, set[str]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    shard_shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shard_name in weight_map.items():
-        shard = (index.parent / shard_name).resolve()
-        if shard.parent != index.parent.resolve():
-            raise InputError(f"{index}: shard {shard_name!r} lies outside the checkpoint folder")
-        if not shard.is_file():
-            raise InputError(f"{index}: shard {shard_name!r} is missing")
-        if shard not in shard_keys:
-            shard_keys[shard] = _validate_safetensors(shard)
-        if key not in shard_keys[shard]:
+        # A bare file name beside the index: no separators, no parent references.
+        if (
+            not isinstance(shard_name, str)
+            or shard_name in ("", ".", "..")
+            or any(c in shard_name for c in "/\\\0")
+        ):
+            raise InputError(
+                f"{index}: shard {shard_name!r} is not a file in the checkpoint folder"
+            )
+        shard = index.parent / shard_name
+        if shard_name not in shard_shapes:
+            if not shard.is_file():
+                raise InputError(f"{index}: shard {shard_name!r} is missing")
+            shard_shapes[shard_name] = _validate_safetensors(shard)
+        if key not in shard_shapes[shard_name]:
             raise InputError(f"{shard}: tensor {key!r} listed in the index is missing")
         key_files[key] = shard
-    return key_files
+        shapes[key] = shard_shapes[shard_name][key]
+    return key_files, shapes
 
 
 def _open_pickled(folder: Path, config: dict, file: Path) -> Checkpoint:
@@ -189,6 +264,7 @@ def _open_pickled(folder: Path, config: dict, file: Path) -> Checkpoint:
     except Exception as exc:
         raise InputError(f"{file}: weights_only load failed: {exc}") from exc
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    checkpoint = Checkpoint(folder, config, dict.fromkeys(state, file), allow_pickle=True)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    checkpoint = Checkpoint(folder, config, dict.fromkeys(state, file), shapes, allow_pickle=True)
     checkpoint._pickled = state
     return checkpoint

@@ -30,6 +30,7 @@ from .errors import CancelledError, InputError
 from .evaluate import EvalSet, load_eval_set, metrics_from_scores, model_scores, task_of
 from .families import resolve_family
 from .finetune import FinetuneConfig, finetune
+from .limits import Limits
 from .metrics import (
     KINDS,
     REPORT_FILE,
@@ -73,6 +74,7 @@ def fuse_job(
     stage: StageCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     allow_pickle: bool = False,
+    limits: Limits | None = None,
 ) -> JobResult:
     """Fuse, sweep, evaluate against baselines, optionally finetune, write artifacts.
 
@@ -126,7 +128,7 @@ def fuse_job(
     try:
         # 1. fuse once per point, keep the best on calibration data
         enter("aligning")
-        prepared = prepare(model_dirs, spec, data, say, allow_pickle)
+        prepared = prepare(model_dirs, spec, data, say, allow_pickle, limits)
         keep_plans = save_maps or report
         swept = run_sweep(
             prepared,

@@ -68,9 +68,13 @@ class FusionSpec:
                     f"--weights has {len(self.weights)} values for {num_models} models",
                     field="weights",
                 )
-            if any(not math.isfinite(w) or w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            total = sum(self.weights)
+            if any(not math.isfinite(w) or w < 0 for w in self.weights) or not (
+                math.isfinite(total) and total > 0
+            ):
                 raise InputError(
-                    "--weights must be non-negative numbers with a positive sum", field="weights"
+                    "--weights must be non-negative numbers with a positive, finite sum",
+                    field="weights",
                 )
         if self.samples < 1 or self.max_tokens < 1:
             raise InputError("--samples must be at least 1", field="samples")

@@ -1,6 +1,7 @@
 """Every bad input: a one-line error naming the problem, non-zero exit, nothing at --out."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,87 @@ def test_recipe_errors_name_their_field(changes, field):
     with pytest.raises(InputError) as error:
         FusionSpec(**changes).validate(2)
     assert error.value.field == field
+
+
+def _write_raw_safetensors(path: Path, header: dict, data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize(
+    "entry,words",
+    [
+        ({"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 0]}, ["data_offsets"]),
+        ({"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}, ["does not fill"]),
+        ({"dtype": "F32", "shape": [-1, 4], "data_offsets": [0, 16]}, ["shape"]),
+        ({"dtype": "F32", "shape": [1e9, 4], "data_offsets": [0, 16]}, ["shape"]),
+        ({"dtype": "Q4", "shape": [2, 2], "data_offsets": [0, 16]}, ["dtype"]),
+        ({"dtype": "F32", "shape": "2x2", "data_offsets": [0, 16]}, ["shape"]),
+        ({"dtype": "F32", "shape": [2, 2], "data_offsets": [0, "16"]}, ["data_offsets"]),
+        ({"dtype": "F32", "shape": [1 << 40, 1 << 30], "data_offsets": [0, 16]}, ["fill"]),
+        ("F32", ["not an object"]),
+    ],
+)
+def test_malformed_safetensors_entries(vit_pair, tmp_path, capsys, entry, words):
+    """Offsets and shapes the data cannot back are input errors, not crashes."""
+    file = vit_pair[1] / "model.safetensors"
+    _write_raw_safetensors(file, {"x.weight": entry}, b"\x00" * 16)
+    code, err = run_fuse(capsys, vit_pair, tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", str(file), *words)
+
+
+def test_config_contradicting_the_weights(vit_pair, tmp_path, capsys):
+    config = json.loads((vit_pair[1] / "config.json").read_text())
+    config["intermediate_size"] = 48  # the tensors have 32
+    (vit_pair[1] / "config.json").write_text(json.dumps(config))
+    code, err = run_fuse(capsys, vit_pair, tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", "config.json implies", "intermediate.dense")
+
+
+@pytest.mark.parametrize(
+    "key,value", [("num_hidden_layers", 1_000_000), ("hidden_size", 0), ("num_hidden_layers", True)]
+)
+def test_config_sizes_beyond_the_limits_fail_before_any_work(
+    vit_pair, tmp_path, capsys, key, value
+):
+    config = json.loads((vit_pair[1] / "config.json").read_text())
+    config[key] = value
+    (vit_pair[1] / "config.json").write_text(json.dumps(config))
+    started = time.perf_counter()
+    code, err = run_fuse(capsys, vit_pair, tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", key)
+    assert time.perf_counter() - started < 30  # refused up front, not after unrolling
+
+
+def test_parameter_limit(vit_pair, tmp_path):
+    from fusion_core import InputError, fuse
+    from fusion_core.limits import Limits
+
+    with pytest.raises(InputError, match="parameters, above"):
+        fuse(vit_pair, tmp_path / "out", limits=Limits(max_parameters=1000))
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_whose_sum_overflows(vit_pair, tmp_path, capsys):
+    code, err = run_fuse(capsys, vit_pair, tmp_path / "out", "--weights", "1e308", "1e308")
+    assert_rejected(code, err, tmp_path / "out", "--weights", "finite")
+
+
+def test_a_cuda_device_this_machine_lacks(vit_pair, tmp_path, capsys):
+    if torch.cuda.is_available():
+        flags = ["--device", f"cuda:{torch.cuda.device_count() + 90}"]
+    else:
+        flags = ["--device", "cuda:0"]
+    code, err = run_fuse(capsys, vit_pair, tmp_path / "out", *flags)
+    assert_rejected(code, err, tmp_path / "out", "CUDA device")
+    assert code == 3  # the caller's mistake, not a failed fusion
+
+
+@pytest.mark.parametrize("shard", ["../a/model.safetensors", "/etc/passwd", "sub/x.safetensors"])
+def test_shard_index_naming_files_outside_the_folder(vit_pair, tmp_path, capsys, shard):
+    state = load_file(str(vit_pair[1] / "model.safetensors"))
+    (vit_pair[1] / "model.safetensors").unlink()
+    index = {"weight_map": dict.fromkeys(state, shard)}
+    (vit_pair[1] / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, err = run_fuse(capsys, vit_pair, tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", "not a file in the checkpoint folder")

@@ -28,6 +28,10 @@ def resolve_family(config: dict, where: str = "") -> tuple[Family, str]:
     """Family and architecture class name of a checkpoint config."""
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise UnsupportedArchitectureError(
+            f"{where}config.json architectures must be a list of names"
+        )
     for family in FAMILIES:
         if model_type in family.model_types:
             arch = architectures[0] if architectures else next(iter(family.architectures))

@@ -1,0 +1,117 @@
+"""What a checkpoint may ask of the machine, checked before any tensor is read or allocated.
+
+A config.json is as hostile as any other input: `num_hidden_layers: 1000000` would have the
+engine unroll a million layers, and a `hidden_size` that contradicts the weights would be
+published as a checkpoint nobody can load. So, from config.json and the safetensors headers
+alone: the sizes stay under the maxima, and the config describes exactly the tensors the
+files hold (the architecture is built on the meta device, which allocates nothing, and its
+tensor shapes are compared with the headers').
+"""
+
+from __future__ import annotations
+
+import resource
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from .errors import InputError
+from .families import canonical_name
+from .models import ParentModel
+
+VOCAB_KEY = "vocab_size"
+LABELS_KEY = "num_labels"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-model maxima. The defaults admit every published model of the supported families
+    (up to 70B-class shapes); a service sets its own from its settings."""
+
+    max_layers: int = 512
+    max_width: int = 131_072  # hidden and MLP widths
+    max_vocab: int = 1_048_576
+    max_parameters: int = 200_000_000_000
+
+    def check(self, parent: ParentModel) -> None:
+        """Sizes under the maxima, then the config against the tensors."""
+        bounds = {
+            "layers": self.max_layers,
+            "heads": self.max_width,
+            "hidden": self.max_width,
+            "intermediate": self.max_width,
+        }
+        config = parent.checkpoint.config
+        for role, key in parent.family.config_keys.items():
+            if key in config or role in ("layers", "hidden", "heads"):
+                _bounded(parent, key, config.get(key), bounds.get(role, self.max_width))
+        for key in (VOCAB_KEY, LABELS_KEY):  # transformers builds a dict of num_labels entries
+            if key in config:
+                _bounded(parent, key, config[key], self.max_vocab)
+        count = parent.checkpoint.parameter_count
+        if count > self.max_parameters:
+            raise InputError(
+                f"{parent.label}: {count:,} parameters, above this server's limit of "
+                f"{self.max_parameters:,}"
+            )
+        check_config_matches_tensors(parent)
+
+
+@contextmanager
+def address_space_cap(headroom: int = 2 << 30):
+    """Cap this process's address space at its current size plus `headroom` for the block
+    (Linux; elsewhere a no-op). Allocations beyond it raise MemoryError instead of growing
+    the worker until the kernel kills it."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        vm_kb = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmSize:"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    except (OSError, StopIteration, ValueError):
+        yield
+        return
+    cap = vm_kb * 1024 + headroom
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _bounded(parent: ParentModel, key: str, value, maximum: int) -> None:
+    if type(value) is not int or not 0 < value <= maximum:
+        raise InputError(
+            f"{parent.label}: config.json {key}={value!r} must be an integer from 1 to {maximum}"
+        )
+
+
+def check_config_matches_tensors(parent: ParentModel) -> None:
+    """Every tensor in the files has the shape the config implies for it."""
+    model_class = getattr(transformers, parent.architecture)
+    try:
+        # Meta tensors allocate nothing, but a config can still make transformers build big
+        # Python objects (num_labels -> id2label); the cap turns that into a MemoryError.
+        with address_space_cap(), torch.device("meta"):
+            config = model_class.config_class.from_dict(dict(parent.checkpoint.config))
+            skeleton = model_class(config)
+    except Exception as exc:  # transformers raises many kinds on a bad config
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"{parent.label}: config.json does not describe a valid {parent.architecture}: {reason}"
+        ) from exc
+    expected = {
+        canonical_name(parent.family, key): tuple(tensor.shape)
+        for key, tensor in skeleton.state_dict().items()
+    }
+    for name, key in parent.keys.items():
+        implied = expected.get(name)
+        actual = parent.checkpoint.shape(key)
+        if implied is not None and implied != actual:
+            raise InputError(
+                f"{parent.label}: tensor {key!r} has shape {actual}, but config.json implies "
+                f"{implied}"
+            )
