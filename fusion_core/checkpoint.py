@@ -19,10 +19,8 @@ import torch
 from safetensors import safe_open
 
 from .errors import InputError
+from .files import PICKLED_FILES, SAFETENSORS_FILE, SAFETENSORS_INDEX
 
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLED_FILES = ("pytorch_model.bin", "model.pt", "pytorch_model.bin.index.json")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_JSON_BYTES = 16 * 1024 * 1024  # config.json and shard indexes are kilobytes
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otfuse-hash")

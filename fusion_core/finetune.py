@@ -28,8 +28,9 @@ from .engine import Progress
 from .errors import CancelledError, InputError
 from .evaluate import IGNORE, _mask_token_id, mask_tokens, task_of
 from .families import resolve_family
+from .files import SIDE_FILES
 from .metrics import FinetuneRun
-from .writer import ANCHOR_SIDE_FILES, check_output_dir
+from .writer import check_output_dir
 
 MAX_CURVE_POINTS = 500
 
@@ -233,7 +234,7 @@ def _write(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         model.to("cpu").save_pretrained(str(tmp), safe_serialization=True)
-        for name in ANCHOR_SIDE_FILES:
+        for name in SIDE_FILES:
             if (source / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(source / name, tmp / name)
         record_file = source / "fusion.json"

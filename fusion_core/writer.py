@@ -11,25 +11,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import SAFETENSORS_FILE
 from .errors import InputError
+from .files import SAFETENSORS_FILE, SIDE_FILES
 from .models import ParentModel
-
-# Files a checkpoint folder carries besides weights: tokenizer and preprocessor files.
-ANCHOR_SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "merges.txt",
-    "vocab.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "preprocessor_config.json",
-    "image_processor_config.json",
-    "generation_config.json",
-)
 
 
 def check_output_dir(out: Path) -> None:
@@ -67,7 +51,7 @@ def write_checkpoint(
         _dedupe_shared(state)
         save_file(state, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(anchor.checkpoint.config, indent=2) + "\n")
-        for name in ANCHOR_SIDE_FILES:
+        for name in SIDE_FILES:
             if (anchor.path / name).is_file():
                 shutil.copy2(anchor.path / name, tmp / name)
         (tmp / "fusion.json").write_text(json.dumps(fusion_record, indent=2) + "\n")

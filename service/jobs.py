@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 
+from .access import Access
 from .models import DONE, JobSpec
 from .problems import ProblemError
+from .storage import StorageError
 from .store import IdempotencyConflict, JobStore, new_job_id, now_iso
-from .validation import check_spec, default_output
+from .validation import check_spec
 
 
 def fingerprint(spec: JobSpec) -> str:
@@ -22,9 +24,9 @@ def submit(
 ) -> tuple[dict, bool]:
     """Validate, record, enqueue. Returns (job, created)."""
     original = fingerprint(spec)  # of the body as sent, before normalization
-    spec = check_spec(spec, settings)
+    spec = check_spec(spec, settings, tenant)
     job_id = new_job_id()
-    output = spec.output or default_output(settings, tenant, job_id)
+    output = spec.output or Access(settings).default_output(tenant, job_id)
     now = now_iso()
     job = {
         "id": job_id,
@@ -101,5 +103,10 @@ def delete(job: dict, store: JobStore, storage, artifacts: bool) -> None:
             409, f"job {job['id']} is {job['status']}; cancel it first", kind="job-not-ended"
         )
     if artifacts and job["status"] == "succeeded":
-        storage.backend(job["output"]).delete_prefix(job["output"])
+        # Only what this job published, and only while it is still there as this job's.
+        names = (job.get("result") or {}).get("files") or []
+        try:
+            storage.delete_published(job["output"], job["id"], names)
+        except StorageError as exc:
+            raise ProblemError(409, str(exc), kind="artifacts-not-owned") from None
     store.delete(job["id"])

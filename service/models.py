@@ -10,7 +10,15 @@ Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Stage = Literal["downloading", "aligning", "evaluating", "finetuning", "uploading"]
 DONE: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
-URI = Annotated[str, Field(min_length=1, max_length=2048, examples=["s3://models/vit-a/"])]
+URI = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=2048,
+        pattern=r"^[^\x00-\x1f\x7f]*$",  # no control characters (NUL, newlines)
+        examples=["s3://models/vit-a/"],
+    ),
+]
 
 
 class Strict(BaseModel):
@@ -212,6 +220,11 @@ class JobResult(BaseModel):
         None,
         description="the point a sweep chose: {solver, reg}",
         examples=[{"solver": "sinkhorn", "reg": 0.055}],
+    )
+    files: list[str] = Field(
+        default_factory=list,
+        description="the files this job published under `checkpoint` (what DELETE "
+        "?artifacts=true removes)",
     )
     metrics: dict[str, Any] = Field(
         default_factory=dict,

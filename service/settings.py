@@ -33,10 +33,19 @@ class Settings(BaseSettings):
     )
     file_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
-        description="folders file:// URIs may name (embedded default: the working folder)",
+        description="read-only folders file:// inputs may name (embedded default: the working "
+        "folder)",
+    )
+    tenant_prefixes: Annotated[dict[str, list[str]], NoDecode] = Field(
+        default_factory=dict,
+        description="tenant=URI,tenant=URI: more prefixes a tenant reads and writes (besides "
+        "fusions/{tenant}/ of OTFUSE_BUCKET and, embedded, artifacts/{tenant}/ of the data dir)",
     )
     data_dir: Path = Field(Path("runs/service"), description="embedded: job file + artifacts")
     multipart_threshold_mb: int = Field(64, ge=5, description="files above use multipart")
+    s3_attempts: int = Field(
+        5, ge=1, le=20, description="tries of an S3 request (exponential backoff between)"
+    )
 
     # Auth.
     api_keys: Annotated[dict[str, str], NoDecode] = Field(
@@ -45,6 +54,15 @@ class Settings(BaseSettings):
 
     # Jobs.
     max_models: int = Field(8, ge=2, description="models per job")
+    max_input_bytes: int = Field(
+        64 << 30, ge=1, description="bytes of checkpoints and data one job may download"
+    )
+    max_layers: int = Field(512, ge=1, description="largest depth a model's config may declare")
+    max_width: int = Field(131_072, ge=1, description="largest hidden or MLP width")
+    max_vocab: int = Field(1_048_576, ge=1, description="largest vocabulary (and label count)")
+    max_parameters: int = Field(
+        200_000_000_000, ge=1, description="largest parameter count of one model"
+    )
     max_attempts: int = Field(3, ge=1, description="deliveries of one job before it fails")
     soft_time_limit: int = Field(3600, ge=1, description="seconds; the job fails cleanly")
     hard_time_limit: int = Field(3900, ge=2, description="seconds; the worker child is killed")
@@ -52,6 +70,16 @@ class Settings(BaseSettings):
     presign_seconds: int = Field(0, ge=0, le=604800, description="presigned GET URLs; 0 = off")
     retry_after: int = Field(1, ge=1, description="Retry-After seconds while a job is not done")
     idempotency_ttl: int = Field(86400, ge=60, description="seconds an Idempotency-Key is kept")
+    record_ttl: int = Field(
+        7 * 86400, ge=60, description="seconds a finished job's record is kept (not its outputs)"
+    )
+
+    # API bounds.
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body")
+    max_running_per_tenant: int = Field(4, ge=1, description="a tenant's jobs running at once")
+    max_queued_per_tenant: int = Field(100, ge=1, description="a tenant's jobs waiting")
+    submit_rate: float = Field(10.0, gt=0, description="a tenant's sustained submits per second")
+    submit_burst: int = Field(20, ge=1, description="submits a tenant may make at once")
     allow_pickle: bool = Field(False, description="read legacy .bin with weights_only loading")
     device: str = Field("auto", description="auto = cuda when the worker has one, else cpu")
     embedded_workers: int = Field(1, ge=1, description="embedded: worker threads")
@@ -69,6 +97,47 @@ class Settings(BaseSettings):
                 keys[key] = tenant
             return keys
         return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, keys):
+        from .access import TENANT_NAME
+
+        for key, tenant in keys.items():
+            if "change-me" in key.lower() or len(key) < 8:
+                raise ValueError(
+                    "OTFUSE_API_KEYS holds a placeholder or a key shorter than 8 characters"
+                )
+            if not TENANT_NAME.match(tenant):
+                raise ValueError(f"tenant name {tenant!r}: letters, digits, . _ - (at most 63)")
+        return keys
+
+    @field_validator("tenant_prefixes", mode="before")
+    @classmethod
+    def _parse_prefixes(cls, value):
+        if not isinstance(value, str):
+            return value
+        prefixes: dict[str, list[str]] = {}
+        for pair in (p.strip() for p in value.split(",") if p.strip()):
+            tenant, sep, uri = pair.partition("=")
+            if not sep or not tenant.strip() or not uri.strip():
+                raise ValueError("OTFUSE_TENANT_PREFIXES must be tenant=URI,tenant=URI")
+            prefixes.setdefault(tenant.strip(), []).append(uri.strip())
+        return prefixes
+
+    @field_validator("tenant_prefixes")
+    @classmethod
+    def _normalize_prefixes(cls, prefixes):
+        from .access import normalize
+        from .problems import SpecError
+
+        try:
+            return {
+                tenant: [normalize("OTFUSE_TENANT_PREFIXES", uri, folder=True) for uri in uris]
+                for tenant, uris in prefixes.items()
+            }
+        except SpecError as exc:
+            raise ValueError(exc.detail) from None
 
     @field_validator("allowed_buckets", "file_roots", mode="before")
     @classmethod
@@ -107,12 +176,18 @@ class Settings(BaseSettings):
 
     @cached_property
     def roots(self) -> tuple[Path, ...]:
+        """Read-only folders (the tenants' own areas are apart: `service.access`)."""
         roots = list(self.file_roots)
         if self.mode == "embedded" and not roots:
             roots = [Path.cwd()]
-        if self.mode == "embedded":
-            roots.append(self.data_dir)
         return tuple(Path(r).expanduser().resolve() for r in roots)
+
+    @property
+    def limits(self):
+        """The fusion core's per-model bounds."""
+        from fusion_core.limits import Limits
+
+        return Limits(self.max_layers, self.max_width, self.max_vocab, self.max_parameters)
 
     def tenant_for(self, key: str) -> str | None:
         for known, tenant in self.api_keys.items():

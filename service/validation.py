@@ -5,11 +5,10 @@ raises `SpecError` naming the JSON field; `fusion_core`'s own validation runs la
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
+from .access import Access
 from .models import JobSpec
 from .problems import SpecError
-from .storage import parse_uri
 
 # fusion_core names flags in its messages; the JSON fields they correspond to.
 FLAG_FIELDS = {
@@ -47,55 +46,34 @@ RECIPE_FIELDS = {
 }
 
 
-def check_uri(field: str, uri: str, settings, folder: bool) -> str:
-    """A URI the worker may read or write: s3 in an allowed bucket, or file under a root.
-    Returns it normalized (folders end with '/')."""
-    try:
-        scheme, bucket, path = parse_uri(uri)
-    except ValueError as exc:
-        raise SpecError(field, str(exc).split(": ", 1)[-1] + f" (got {uri!r})") from None
-    if scheme == "s3":
-        if not settings.s3_enabled:
-            raise SpecError(field, "s3:// URIs need S3 configured on the server")
-        if not bucket:
-            raise SpecError(field, f"{uri}: no bucket")
-        if bucket not in settings.buckets:
-            raise SpecError(field, f"bucket {bucket!r} is not allowed on this server")
-        if not folder and (not path or path.endswith("/")):
-            raise SpecError(field, f"{uri}: names a folder, not a file")
-        if folder:
-            path = path.rstrip("/") + "/" if path else ""
-        return f"s3://{bucket}/{path}"
-    if not path.startswith("/"):
-        raise SpecError(field, f"{uri}: file URIs need an absolute path")
-    resolved = Path(path).resolve()
-    if not any(resolved == root or root in resolved.parents for root in settings.roots):
-        raise SpecError(field, f"{uri}: not under an allowed file root (OTFUSE_FILE_ROOTS)")
-    return f"file://{resolved}/" if folder else f"file://{resolved}"
-
-
-def check_spec(spec: JobSpec, settings) -> JobSpec:
-    """Validate and normalize; returns a spec with normalized URIs."""
+def check_spec(spec: JobSpec, settings, tenant: str) -> JobSpec:
+    """Validate and normalize for `tenant`: inputs it may read, an output it may write.
+    Returns a spec with normalized URIs."""
+    access = Access(settings)
     n = len(spec.models)
     if n > settings.max_models:
         raise SpecError("models", f"at most {settings.max_models} models per job, got {n}")
     models = [
-        check_uri(f"models.{i}", uri, settings, folder=True) for i, uri in enumerate(spec.models)
+        access.check_read(f"models.{i}", tenant, uri, folder=True)
+        for i, uri in enumerate(spec.models)
     ]
     if spec.anchor >= n:
         raise SpecError("anchor", f"{spec.anchor} is out of range for {n} models")
     if spec.weights is not None:
         if len(spec.weights) != n:
             raise SpecError("weights", f"{len(spec.weights)} values for {n} models")
-        if any(not math.isfinite(w) or w < 0 for w in spec.weights) or sum(spec.weights) <= 0:
-            raise SpecError("weights", "must be non-negative numbers with a positive sum")
+        total = sum(spec.weights)
+        if any(not math.isfinite(w) or w < 0 for w in spec.weights) or not (
+            math.isfinite(total) and total > 0
+        ):
+            raise SpecError("weights", "must be non-negative numbers with a positive, finite sum")
     check_regularizer(spec)
     points = len(reg_points(spec))
     data = spec.data.model_copy()
     for name in ("activations", "calibration", "eval", "finetune"):
         value = getattr(data, name)
         if value is not None:
-            setattr(data, name, check_uri(f"data.{name}", value, settings, folder=False))
+            setattr(data, name, access.check_read(f"data.{name}", tenant, value, folder=False))
     needs = spec.method == "ot" and (
         spec.policy.alignment == "activations" or spec.policy.residual.startswith("weighted")
     )
@@ -121,7 +99,7 @@ def check_spec(spec: JobSpec, settings) -> JobSpec:
             "the numbers it reports",
         )
     check_finetune(spec, data, settings)
-    output = spec.output and check_uri("output", spec.output, settings, folder=True)
+    output = spec.output and access.check_write("output", tenant, spec.output)
     normalized = spec.model_copy(update={"models": models, "data": data, "output": output})
     fusion_spec(normalized, "cpu")  # fusion_core's own checks, as a last net
     from fusion_core import InputError
@@ -241,11 +219,3 @@ def finetune_config(spec: JobSpec, device: str):
         seed=f.seed,
         device=device,
     ).validate()
-
-
-def default_output(settings, tenant: str, job_id: str) -> str:
-    if settings.bucket:
-        return f"s3://{settings.bucket}/fusions/{tenant}/{job_id}/"
-    if settings.mode == "distributed":
-        raise SpecError("output", "required: the server has no default bucket (OTFUSE_BUCKET)")
-    return f"file://{Path(settings.data_dir).resolve()}/artifacts/{tenant}/{job_id}/"

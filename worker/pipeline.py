@@ -22,10 +22,19 @@ import time
 import uuid
 from pathlib import Path
 
+from service.access import Access
 from service.jobs import finish
 from service.models import DONE, JobSpec
 from service.problems import SpecError
-from service.storage import JOB_FILE, METRICS_FILE, StorageError, join
+from service.storage import (
+    JOB_FILE,
+    METRICS_FILE,
+    StorageError,
+    StoredFile,
+    TransferCancelled,
+    UnsafeInput,
+    join,
+)
 from service.store import JobStore, now_iso
 from service.validation import (
     check_spec,
@@ -55,6 +64,7 @@ STAGES = {
     "finetuning": ("finetuning", "finetuning the fused model"),
     "writing": ("uploading", "writing metrics.json and artifacts"),
 }
+DATA_FIELDS = ("activations", "calibration", "eval", "finetune")
 SWEEP = re.compile(r"^sweep (\d+)/(\d+) ")
 FINETUNE = re.compile(r"^finetune (\w+): ")
 
@@ -273,13 +283,13 @@ class Run:
     def _run(self, job: dict) -> str:
         started = time.perf_counter()
         output = job["output"]
-        published = False
         try:
             with tempfile.TemporaryDirectory(prefix=f"otfuse-{self.job_id}-") as tmp:
                 work = Path(tmp)
                 previous = self._output_state(output)
                 if previous is not None:  # a crashed delivery published; record it once
-                    return self._succeed(job, previous, output)
+                    names = self.storage.backend(output).list_names(output)
+                    return self._succeed(job, previous, output, names)
                 result, metrics = self._fuse(job, work, started)
                 if self.stage == "uploading":  # fuse_job wrote its artifacts in this stage
                     self.check()
@@ -287,11 +297,12 @@ class Run:
                 else:
                     self.enter("uploading", "uploading the fused checkpoint")
                 backend = self.storage.backend(output)
-                published = True
-                backend.publish(result, output, self.job_id, job["attempts"])
-                return self._succeed(job, metrics, output)
+                # A failed publish removes what it copied; once it returns, a later delivery
+                # records the result (metrics.json names this job), so nothing is undone.
+                names = backend.publish(result, output, self.job_id, job["attempts"])
+                return self._succeed(job, metrics, output, names)
         except Exception as exc:
-            return self._fail(exc, output, published)
+            return self._fail(exc)
 
     def _output_state(self, output: str) -> dict | None:
         """metrics.json of this job when a previous delivery already published; raises when
@@ -320,7 +331,7 @@ class Run:
         transformers.utils.logging.disable_progress_bar()  # progress goes to the job record
         # Checked again with this worker's settings: its roots and buckets are what count
         # here, and a path may have changed since submit (a swapped symlink).
-        spec = check_spec(JobSpec.model_validate(job["spec"]), self.settings)
+        spec = check_spec(JobSpec.model_validate(job["spec"]), self.settings, job["tenant"])
         requested = spec.policy.device
         device = resolve_device(self.settings.device if requested == "auto" else requested)
         fspec = fusion_spec(spec, device)
@@ -332,27 +343,7 @@ class Run:
             spec.data.eval is not None,
             len(self.finetune_names) if finetune else 0,
         )
-        n = len(spec.models)
-        self.enter("downloading", f"downloading model 1/{n}")
-        parents = []
-        for i, uri in enumerate(spec.models):
-            self.check()
-            self.progress(i / n, f"downloading model {i + 1}/{n}", force=True)
-            folder = self.storage.backend(uri).fetch_folder(uri, work / f"model-{i}")
-            self.local_paths[str(folder)] = uri
-            parents.append(folder)
-        files: dict[str, Path] = {}
-        fetched: dict[str, Path] = {}  # one download per URI (activations may calibrate too)
-        for name in ("activations", "calibration", "eval", "finetune"):
-            uri = getattr(spec.data, name)
-            if uri:
-                if uri not in fetched:
-                    self.check()
-                    self.progress(0.9, f"downloading data.{name}", force=True)
-                    dest = work / "data" / f"{name}.safetensors"
-                    fetched[uri] = self.storage.backend(uri).fetch_file(uri, dest)
-                    self.local_paths[str(fetched[uri])] = uri
-                files[name] = fetched[uri]
+        parents, files = self._stage_inputs(spec, job["tenant"], work)
 
         out = work / "fused"
         job_started = time.perf_counter()
@@ -373,6 +364,7 @@ class Run:
             stage=self._on_stage,
             should_cancel=self.should_stop,
             allow_pickle=self.settings.allow_pickle,
+            limits=self.settings.limits,
         )
         job_seconds = time.perf_counter() - job_started
         out = Path(result.out)
@@ -412,6 +404,59 @@ class Run:
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         return out, metrics
 
+    def _stage_inputs(
+        self, spec: JobSpec, tenant: str, work: Path
+    ) -> tuple[list[Path], dict[str, Path]]:
+        """Every input listed and checked (keys, links, the job's byte cap) before anything
+        is fetched into the scratch folder `work`; fetching stops when the job is stopped."""
+        access = Access(self.settings)
+
+        def readable(uri: str) -> bool:
+            return access.readable(tenant, uri)
+
+        n = len(spec.models)
+        self.enter("downloading", f"listing {n} models and the data")
+        listed = []
+        for uri in spec.models:
+            self.check()
+            backend = self.storage.backend(uri)
+            listed.append(backend.list_checkpoint(uri, readable, self.settings.allow_pickle))
+        data_files: dict[str, StoredFile] = {}  # one download per URI (activations may calibrate)
+        for name in DATA_FIELDS:
+            uri = getattr(spec.data, name)
+            if uri and uri not in data_files:
+                self.check()
+                data_files[uri] = self.storage.backend(uri).stat_file(uri, readable)
+        total = sum(f.size for files in listed for f in files)
+        total += sum(f.size for f in data_files.values())
+        cap = self.settings.max_input_bytes
+        if total > cap:
+            raise UnsafeInput(
+                f"the job's inputs total {total:,} bytes, above this server's per-job limit of "
+                f"{cap:,} (OTFUSE_MAX_INPUT_BYTES)"
+            )
+
+        done = 0
+        parents = []
+        for i, (uri, files) in enumerate(zip(spec.models, listed, strict=True)):
+            self.check()
+            self.progress(done / max(total, 1), f"downloading model {i + 1}/{n}", force=True)
+            backend = self.storage.backend(uri)
+            folder = backend.fetch(uri, files, work / f"model-{i}", self.should_stop)
+            self.local_paths[str(folder)] = uri
+            parents.append(folder)
+            done += sum(f.size for f in files)
+        fetched: dict[str, Path] = {}
+        for number, (uri, file) in enumerate(data_files.items()):
+            self.check()
+            self.progress(done / max(total, 1), f"downloading {uri}", force=True)
+            dest = work / "data" / f"data-{number}.safetensors"
+            fetched[uri] = self.storage.backend(uri).fetch_file(uri, file, dest, self.should_stop)
+            self.local_paths[str(fetched[uri])] = uri
+            done += file.size
+        files = {n: fetched[getattr(spec.data, n)] for n in DATA_FIELDS if getattr(spec.data, n)}
+        return parents, files
+
     @staticmethod
     def _summary(metrics: dict, spec: JobSpec) -> dict:
         """The service's summary fields (kept from its first metrics.json): `fused` (the
@@ -443,7 +488,7 @@ class Run:
             fraction = (i + fraction) / len(names)
         self.progress(fraction, p.detail)
 
-    def _succeed(self, job: dict, metrics: dict, output: str) -> str:
+    def _succeed(self, job: dict, metrics: dict, output: str, names: list[str]) -> str:
         self._close_stage()
         artifacts = metrics.get("artifacts") or {}
         sweep = metrics.get("sweep") or {}
@@ -455,6 +500,7 @@ class Run:
                 join(output, artifacts["transport_maps"]) if "transport_maps" in artifacts else None
             ),
             "chosen": sweep.get("chosen"),
+            "files": sorted(names),
             "metrics": inline_metrics(metrics),
             "urls": self._presign(output),
         }
@@ -481,7 +527,7 @@ class Run:
                 urls[name] = url
         return urls or None
 
-    def _fail(self, exc: Exception, output: str, published: bool) -> str:
+    def _fail(self, exc: Exception) -> str:
         import fusion_core
 
         try:
@@ -491,12 +537,7 @@ class Run:
         if self.heartbeat and self.heartbeat.lost.is_set():
             log.warning("job %s: lease lost; another delivery owns it", self.job_id)
             return "lease-lost"
-        if published:  # a half-copied result must not stay under the final prefix
-            try:
-                self.storage.backend(output).delete_prefix(output)
-            except Exception:
-                log.warning("could not clean %s", output, exc_info=True)
-        if isinstance(exc, Stop | fusion_core.CancelledError):
+        if isinstance(exc, Stop | TransferCancelled | fusion_core.CancelledError):
             if self.stopping.is_set() and not self.cancel_seen:
                 self._requeue("interrupted by a worker shutdown; it will run again")
                 return "interrupted"
@@ -506,6 +547,8 @@ class Run:
             error = (exc.kind, str(exc))
         elif isinstance(exc, SpecError):
             error = ("input_error", exc.detail)
+        elif isinstance(exc, UnsafeInput):
+            error = ("input_error", str(exc))
         elif isinstance(exc, fusion_core.InputError):
             error = ("input_error", self._with_uris(str(exc)))
         elif isinstance(exc, fusion_core.FusionError):
@@ -522,13 +565,8 @@ class Run:
         return "failed"
 
     def _with_uris(self, message: str) -> str:
-        """fusion_core names the local copies it read; users know the URIs they sent."""
-        for path, uri in sorted(self.local_paths.items(), key=lambda kv: -len(kv[0])):
-            if not uri.startswith("file://"):
-                message = message.replace(path.rstrip("/") + "/", uri).replace(
-                    path, uri.rstrip("/")
-                )
-        return message
+        """fusion_core names the scratch copies it read; users know the URIs they sent."""
+        return path_rewriter(self.local_paths)(message)
 
     def _end(self, status: str, error, detail: str) -> None:
         stage = self.stage

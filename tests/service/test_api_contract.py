@@ -190,15 +190,15 @@ def keyed(tmp_path, parents):
     settings = Settings(
         data_dir=tmp_path / "svc",
         file_roots=[parents["root"]],
-        api_keys="key-a:alice,key-b:bob",
+        api_keys="key-alice:alice,key-bob-0:bob",
     )
     with TestClient(create_app(settings, queue=HeldQueue())) as client:
         yield client
 
 
 def test_auth_and_tenant_isolation(keyed, parents):
-    alice = {"Authorization": "Bearer key-a"}
-    bob = {"Authorization": "Bearer key-b"}
+    alice = {"Authorization": "Bearer key-alice"}
+    bob = {"Authorization": "Bearer key-bob-0"}
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic a2V5LWE6"}):
         response = keyed.post("/fusions", json=_body(parents), headers=headers)
         assert response.status_code == 401

@@ -8,78 +8,48 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import boto3
 import httpx
 import pytest
 import transformers
-from conftest import REPO, wait_for
 from factories import image_data
 from fastapi.testclient import TestClient
+from helpers import (
+    BUCKET,
+    MODELS,
+    children_of,
+    distributed_env,
+    s3_keys,
+    seed_buckets,
+    settings_from_env,
+    start_celery_worker,
+    stop_process,
+    wait_for,
+)
 from test_api_embedded import HeldQueue
 
 from service.app import create_app
-from service.settings import Settings
 
-BUCKET, MODELS = "otfuse", "models"
-ALICE = {"Authorization": "Bearer key-a"}
-BOB = {"Authorization": "Bearer key-b"}
+ALICE = {"Authorization": "Bearer key-alice"}
+BOB = {"Authorization": "Bearer key-bob-0"}
 DONE = ("succeeded", "failed", "cancelled")
 
 
 @pytest.fixture(scope="session")
 def stack(redis_url, s3_endpoint, parents, tmp_path_factory):
-    env = {
-        "OTFUSE_REDIS_URL": redis_url,
-        "OTFUSE_S3_ENDPOINT_URL": s3_endpoint,
-        "OTFUSE_BUCKET": BUCKET,
-        "OTFUSE_ALLOWED_BUCKETS": f"{BUCKET},{MODELS}",
-        "OTFUSE_API_KEYS": "key-a:alice,key-b:bob",
-        "OTFUSE_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}:",
-        "OTFUSE_LEASE_SECONDS": "3",
-        "OTFUSE_PRESIGN_SECONDS": "600",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    env = distributed_env(redis_url, s3_endpoint)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    for bucket in (BUCKET, MODELS):
-        s3.create_bucket(Bucket=bucket)
-    for i, folder in enumerate(parents["models"]):
-        for file in folder.iterdir():
-            s3.upload_file(str(file), MODELS, f"vit-{i}/{file.name}")
-    s3.upload_file(str(parents["data"]), MODELS, "data/images.safetensors")
+    seed_buckets(s3, parents)
     calib = image_data(tmp_path_factory.mktemp("calib") / "calib.safetensors", seed=1)
     s3.upload_file(str(calib), MODELS, "data/calib.safetensors")
-
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    worker_env = os.environ | env | {"PYTHONPATH": f"{Path(__file__).parent}:{REPO}"}
-    command = [sys.executable, "-m", "celery", "-A", "held_worker", "worker", "-Q", "fusion"]
-    command += ["-c", "1", "-P", "prefork", "-l", "INFO", "-n", f"test-{uuid.uuid4().hex[:6]}@%h"]
-    command += ["--without-gossip", "--without-mingle"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, cwd=REPO, env=worker_env, stdout=out, stderr=out)
+    proc = start_celery_worker(env, log)
     try:
-        wait_for(lambda: " ready." in log.read_text() or proc.poll() is not None, 90, "worker")
-        assert proc.poll() is None, log.read_text()
-        settings = Settings(
-            **{
-                k.removeprefix("OTFUSE_").lower(): v
-                for k, v in env.items()
-                if k.startswith("OTFUSE_")
-            }
-        )
-        yield {"settings": settings, "s3": s3, "proc": proc, "log": log, "env": env}
+        yield {"settings": settings_from_env(env), "s3": s3, "proc": proc, "log": log, "env": env}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 @pytest.fixture
@@ -105,21 +75,8 @@ def wait_done(client, job_id, timeout=60) -> dict:
     return wait_for(done, timeout, f"job {job_id} to end")
 
 
-def children_of(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:  # the field after the state is the parent's pid
-            found.append(int(stat.parent.name))
-    return found
-
-
 def keys(s3, bucket, prefix) -> list[str]:
-    listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix)
-    return sorted(o["Key"] for o in listing.get("Contents", []))
+    return s3_keys(s3, bucket, prefix)
 
 
 def test_distributed_end_to_end(api, stack, tmp_path):
@@ -290,8 +247,12 @@ def test_s3_publish_is_multipart_for_large_files_and_round_trips(stack, tmp_path
     head = stack["s3"].head_object(Bucket=BUCKET, Key=key)
     assert "-" in head["ETag"]  # a multipart upload's ETag: md5-of-parts "-" count
     assert backend.list_names(prefix) == ["job.json", "metrics.json", "model.safetensors"]
-    back = backend.fetch_folder(prefix, tmp_path / "back")
+    (local / "config.json").write_text("{}")  # a checkpoint folder needs its config
+    backend.publish(local, prefix, "j", 2)
+    files = backend.list_checkpoint(prefix, lambda uri: True)
+    assert [f.name for f in files] == ["config.json", "model.safetensors"]  # not job/metrics
+    back = backend.fetch(prefix, files, tmp_path / "back", lambda: False)
     assert (back / "model.safetensors").read_bytes() == payload
     assert keys(stack["s3"], BUCKET, "_otfuse_tmp/") == []
-    backend.delete_prefix(prefix)
+    backend.delete_files(prefix, backend.list_names(prefix))
     assert backend.list_names(prefix) == []

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import transformers
-from conftest import wait_for
 from fastapi.testclient import TestClient
+from helpers import wait_for
 
 from service.app import create_app
 from service.queue import Queue
@@ -33,8 +33,12 @@ class HeldQueue(Queue):
 
 
 def make_client(tmp_path: Path, parents, queue=None, **overrides) -> TestClient:
+    """Inputs from the parents' folder; the test's folder is the local tenant's own."""
     settings = Settings(
-        data_dir=tmp_path / "service", file_roots=[parents["root"], tmp_path], **overrides
+        data_dir=tmp_path / "service",
+        file_roots=[parents["root"]],
+        tenant_prefixes={"local": [f"file://{tmp_path}/"]},
+        **overrides,
     )
     return TestClient(create_app(settings, queue=queue))
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import httpx
-from conftest import REPO, free_port, wait_for
+from helpers import REPO, free_port, wait_for
 
 
 def otfuse(*args, env=None, timeout=120):

@@ -1,0 +1,117 @@
+"""Helpers the test suites share: ports, polling, the repository root, real processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def start_celery_worker(env: dict, log: Path, app: str = "held_worker") -> subprocess.Popen:
+    """A real Celery worker process (prefork, one child) for `env`, logging to `log`; returns
+    once it is ready."""
+    worker_env = os.environ | env | {"PYTHONPATH": f"{TESTS}:{REPO}"}
+    command = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", "fusion"]
+    command += ["-c", "1", "-P", "prefork", "-l", "INFO", "-n", f"test-{uuid.uuid4().hex[:6]}@%h"]
+    command += ["--without-gossip", "--without-mingle"]
+    with log.open("a") as out:
+        proc = subprocess.Popen(command, cwd=REPO, env=worker_env, stdout=out, stderr=out)
+    wait_for(lambda: " ready." in log.read_text() or proc.poll() is not None, 120, "worker")
+    assert proc.poll() is None, log.read_text()[-3000:]
+    return proc
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the field after the state is the parent's pid
+            found.append(int(stat.parent.name))
+    return found
+
+
+def s3_keys(s3, bucket: str, prefix: str) -> list[str]:
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for o in listing.get("Contents", []))
+
+
+BUCKET, MODELS = "otfuse", "models"  # the output bucket and a read-only source
+
+
+def settings_from_env(env: dict):
+    """The Settings an API process with these OTFUSE_* variables would read."""
+    from service.settings import Settings
+
+    return Settings(
+        **{k.removeprefix("OTFUSE_").lower(): v for k, v in env.items() if k.startswith("OTFUSE_")}
+    )
+
+
+def distributed_env(redis_url: str, s3_endpoint: str, **overrides: str) -> dict:
+    """OTFUSE_* and AWS_* variables of a distributed stack on its own key prefix; two tenants,
+    alice and bob."""
+    env = {
+        "OTFUSE_REDIS_URL": redis_url,
+        "OTFUSE_S3_ENDPOINT_URL": s3_endpoint,
+        "OTFUSE_BUCKET": BUCKET,
+        "OTFUSE_ALLOWED_BUCKETS": f"{BUCKET},{MODELS}",
+        "OTFUSE_API_KEYS": "key-alice:alice,key-bob-0:bob",
+        "OTFUSE_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}:",
+        "OTFUSE_LEASE_SECONDS": "3",
+        "OTFUSE_PRESIGN_SECONDS": "600",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    env.update(overrides)
+    return env
+
+
+def seed_buckets(s3, parents: dict) -> None:
+    """Both buckets, and the two parents plus their data under s3://models/."""
+    for bucket in (BUCKET, MODELS):
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+            s3.create_bucket(Bucket=bucket)
+    for i, folder in enumerate(parents["models"]):
+        for file in folder.iterdir():
+            s3.upload_file(str(file), MODELS, f"vit-{i}/{file.name}")
+    s3.upload_file(str(parents["data"]), MODELS, "data/images.safetensors")
