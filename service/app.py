@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from . import problems
+from .bounds import BodyLimit
 from .metrics import LatencyMiddleware, Metrics
 from .routers import fusions, health
 from .settings import Settings
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None, *, store=None, storage=None, qu
     app.include_router(fusions.router)
     app.include_router(health.router)
     app.add_middleware(LatencyMiddleware, metrics=app.state.metrics)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # outermost: first
     app.openapi = lambda: _openapi(app)
     return app
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 from .access import Access
 from .models import DONE, JobSpec
@@ -12,6 +13,8 @@ from .problems import ProblemError
 from .storage import StorageError
 from .store import IdempotencyConflict, JobStore, new_job_id, now_iso
 from .validation import check_spec
+
+QUEUE_FULL_RETRY = 30  # seconds: a queued job takes at least that to start and finish
 
 
 def fingerprint(spec: JobSpec) -> str:
@@ -22,8 +25,10 @@ def fingerprint(spec: JobSpec) -> str:
 def submit(
     spec: JobSpec, tenant: str, settings, store: JobStore, queue, idempotency_key: str | None
 ) -> tuple[dict, bool]:
-    """Validate, record, enqueue. Returns (job, created)."""
+    """Within the tenant's submit rate and queue quota: validate, record, enqueue. Returns
+    (job, created)."""
     original = fingerprint(spec)  # of the body as sent, before normalization
+    check_quota(tenant, settings, store)
     spec = check_spec(spec, settings, tenant)
     job_id = new_job_id()
     output = spec.output or Access(settings).default_output(tenant, job_id)
@@ -65,6 +70,29 @@ def submit(
             store.update(job_id, lambda j: finish(j, "failed", error=error))
             raise ProblemError(503, f"the job queue is unavailable: {exc}") from exc
     return job, created
+
+
+def check_quota(tenant: str, settings, store: JobStore) -> None:
+    """429 with Retry-After when the tenant submits faster than its rate, or has its
+    maximum of jobs waiting. Every submit takes a token, valid or not."""
+    wait = store.take_submit_token(tenant, settings.submit_rate, settings.submit_burst)
+    if wait > 0:
+        raise ProblemError(
+            429,
+            f"more than {settings.submit_rate:g} submits per second (bursts of "
+            f"{settings.submit_burst}); retry in {math.ceil(wait)} s",
+            kind="rate-limited",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+    queued = store.tenant_counts(tenant)["queued"]
+    if queued >= settings.max_queued_per_tenant:
+        raise ProblemError(
+            429,
+            f"{queued} of your jobs are waiting, the most this server queues per tenant; "
+            "submit again when some have started",
+            kind="queue-full",
+            headers={"Retry-After": str(QUEUE_FULL_RETRY)},
+        )
 
 
 def finish(job: dict, status: str, error: tuple[str, str] | None = None, detail: str = "") -> dict:

@@ -14,7 +14,9 @@ TITLES = {
     404: "Not found",
     405: "Method not allowed",
     409: "Conflict",
+    413: "Content too large",
     422: "Invalid request",
+    429: "Too many requests",
     500: "Internal error",
     503: "Service unavailable",
 }
@@ -73,6 +75,15 @@ def _field(loc) -> str:
     return ".".join(parts) or "body"
 
 
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in app.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError):
@@ -98,11 +109,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # every route of the path, not only the first one matched
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(app, request))}
         return problem(
             exc.status_code,
             exc.detail if isinstance(exc.detail, str) else None,
             request.url.path,
-            headers=getattr(exc, "headers", None),
+            headers=headers,
         )
 
     @app.exception_handler(Exception)

@@ -120,6 +120,32 @@ class JobStore:
     def lease_holder(self, job_id: str) -> str | None:
         raise NotImplementedError
 
+    # -- per-tenant bounds ----------------------------------------------------------------
+    def tenant_counts(self, tenant: str) -> dict[str, int]:
+        """The tenant's jobs by status."""
+        raise NotImplementedError
+
+    def take_submit_token(self, tenant: str, rate: float, burst: int) -> float:
+        """Token bucket of the tenant's submits: 0 when one is granted, else the seconds until
+        one will be."""
+        raise NotImplementedError
+
+    def acquire_slot(self, tenant: str, job_id: str, limit: int, seconds: float) -> bool:
+        """One of the tenant's `limit` running slots for `seconds` (renewed with the job's
+        lease; a dead worker's slot lapses)."""
+        raise NotImplementedError
+
+    def renew_slot(self, tenant: str, job_id: str, seconds: float) -> None:
+        raise NotImplementedError
+
+    def release_slot(self, tenant: str, job_id: str) -> None:
+        raise NotImplementedError
+
+    def purge_finished(self, older_than: float) -> int:
+        """Delete records of jobs that ended more than `older_than` seconds ago (and expired
+        idempotency keys); returns how many records went."""
+        raise NotImplementedError
+
     def observe_stage(self, stage: str, seconds: float) -> None:
         raise NotImplementedError
 
@@ -137,6 +163,10 @@ class JobStore:
         pass
 
 
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
 def _stamp(old: dict | None, new: dict) -> dict:
     new["updated_at"] = now_iso()
     return new
@@ -152,6 +182,8 @@ class MemoryJobStore(JobStore):
         self._jobs: dict[str, dict] = {}
         self._idem: dict[tuple[str, str], tuple[str, str, float]] = {}
         self._leases: dict[str, tuple[str, float]] = {}
+        self._slots: dict[str, dict[str, float]] = {}  # tenant -> job -> monotonic expiry
+        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, at)
         self._stages: dict[str, dict] = {}
         if self._path and self._path.is_file():
             self._jobs = json.loads(self._path.read_text()).get("jobs", {})
@@ -256,6 +288,61 @@ class MemoryJobStore(JobStore):
             held = self._leases.get(job_id)
             return held[0] if held and held[1] > time.monotonic() else None
 
+    def tenant_counts(self, tenant):
+        with self._lock:
+            counts = dict.fromkeys(STATUSES, 0)
+            for job in self._jobs.values():
+                if job["tenant"] == tenant:
+                    counts[job["status"]] += 1
+            return counts
+
+    def take_submit_token(self, tenant, rate, burst):
+        with self._lock:
+            now = time.monotonic()
+            tokens, at = self._buckets.get(tenant, (float(burst), now))
+            tokens = min(float(burst), tokens + (now - at) * rate)
+            wait = 0.0 if tokens >= 1 else (1 - tokens) / rate
+            self._buckets[tenant] = (tokens - 1 if tokens >= 1 else tokens, now)
+            return wait
+
+    def acquire_slot(self, tenant, job_id, limit, seconds):
+        with self._lock:
+            now = time.monotonic()
+            slots = {j: t for j, t in self._slots.get(tenant, {}).items() if t > now}
+            if job_id not in slots and len(slots) >= limit:
+                self._slots[tenant] = slots
+                return False
+            slots[job_id] = now + seconds
+            self._slots[tenant] = slots
+            return True
+
+    def renew_slot(self, tenant, job_id, seconds):
+        with self._lock:
+            if job_id in self._slots.get(tenant, {}):
+                self._slots[tenant][job_id] = time.monotonic() + seconds
+
+    def release_slot(self, tenant, job_id):
+        with self._lock:
+            self._slots.get(tenant, {}).pop(job_id, None)
+
+    def purge_finished(self, older_than):
+        cutoff = datetime.now(UTC).timestamp() - older_than
+        with self._lock:
+            old = [
+                i
+                for i, j in self._jobs.items()
+                if j["status"] in DONE
+                and j.get("finished_at")
+                and _epoch(j["finished_at"]) < cutoff
+            ]
+            for job_id in old:
+                del self._jobs[job_id]
+            now = time.monotonic()
+            self._idem = {k: v for k, v in self._idem.items() if v[2] > now}
+            if old:
+                self._save()
+            return len(old)
+
     def observe_stage(self, stage, seconds):
         with self._lock:
             stats = self._stages.setdefault(
@@ -278,9 +365,68 @@ class MemoryJobStore(JobStore):
 
 class RedisJobStore(JobStore):
     """Job records in Redis: `job:{id}` JSON, `tenant:{t}` lexically sorted ids, `active`
-    set, `counts` hash (jobs by status), `idem:{t}:{key}`, `lease:{id}`, `stage:{name}`."""
+    set, `counts` and `tcount:{t}` hashes (jobs by status, overall and per tenant),
+    `idem:{t}:{key}`, `lease:{id}`, `slots:{t}` (running slots, expiry-scored), `rate:{t}`
+    (submit token bucket), `done` (finished ids by finish time) + `donemeta` (their tenant and
+    status, for the purge), `stage:{name}`."""
 
-    def __init__(self, url: str, prefix: str = "otfuse:", idempotency_ttl: int = 86400):
+    # One finished job out: its record, its index entries and its counts, atomically (a
+    # concurrent purge or delete finds `donemeta` gone and does nothing).
+    _PURGE = """
+    local meta = redis.call('hget', KEYS[2], ARGV[1])
+    redis.call('zrem', KEYS[1], ARGV[1])
+    if not meta then return 0 end
+    local tab = string.find(meta, '\t', 1, true)
+    local tenant, status = string.sub(meta, 1, tab - 1), string.sub(meta, tab + 1)
+    redis.call('hdel', KEYS[2], ARGV[1])
+    redis.call('del', ARGV[2] .. 'job:' .. ARGV[1])
+    redis.call('zrem', ARGV[2] .. 'tenant:' .. tenant, ARGV[1])
+    redis.call('srem', ARGV[2] .. 'active', ARGV[1])
+    redis.call('hincrby', ARGV[2] .. 'counts', status, -1)
+    redis.call('hincrby', ARGV[2] .. 'tcount:' .. tenant, status, -1)
+    return 1
+    """
+    _TOKEN = """
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+    local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+    local state = redis.call('hmget', KEYS[1], 'tokens', 'at')
+    local tokens = tonumber(state[1]) or burst
+    local at = tonumber(state[2]) or now
+    tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+    local wait = 0
+    if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+    redis.call('hset', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+    redis.call('expire', KEYS[1], math.ceil(burst / rate) + 1)
+    return tostring(wait)
+    """
+    _SLOT = """
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    redis.call('zremrangebyscore', KEYS[1], '-inf', now)
+    local held = redis.call('zscore', KEYS[1], ARGV[1])
+    if not held and redis.call('zcard', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+    redis.call('zadd', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+    redis.call('pexpire', KEYS[1], tonumber(ARGV[3]) * 2)
+    return 1
+    """
+    _RENEW_SLOT = """
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    if redis.call('zscore', KEYS[1], ARGV[1]) then
+        redis.call('zadd', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+        redis.call('pexpire', KEYS[1], tonumber(ARGV[2]) * 2)
+    end
+    return 1
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "otfuse:",
+        idempotency_ttl: int = 86400,
+        record_ttl: int = 7 * 86400,
+    ):
         import redis
 
         self._url = url
@@ -288,6 +434,7 @@ class RedisJobStore(JobStore):
         self._async = None
         self._p = prefix
         self._idem_ttl = idempotency_ttl
+        self._record_ttl = record_ttl
 
     def _job(self, job_id: str) -> str:
         return f"{self._p}job:{job_id}"
@@ -320,6 +467,7 @@ class RedisJobStore(JobStore):
         pipe.zadd(self._tenant(job["tenant"]), {job["id"]: 0})
         pipe.sadd(f"{self._p}active", job["id"])
         pipe.hincrby(f"{self._p}counts", job["status"], 1)
+        pipe.hincrby(f"{self._p}tcount:{job['tenant']}", job["status"], 1)
         pipe.execute()
         return job, True
 
@@ -362,12 +510,22 @@ class RedisJobStore(JobStore):
                     pipe.multi()
                     pipe.set(key, dumps(new))
                     if new["status"] != job["status"]:
-                        pipe.hincrby(f"{self._p}counts", job["status"], -1)
-                        pipe.hincrby(f"{self._p}counts", new["status"], 1)
+                        self._count(pipe, job, -1)
+                        self._count(pipe, new, 1)
                         if new["status"] in DONE:
                             pipe.srem(f"{self._p}active", job_id)
+                            pipe.zadd(f"{self._p}done", {job_id: time.time()})
+                            meta = f"{new['tenant']}\t{new['status']}"
+                            pipe.hset(f"{self._p}donemeta", job_id, meta)
+                            # A backstop: purge_finished removes it on time and counts it.
+                            pipe.expire(key, self._record_ttl + 86400)
                         else:
                             pipe.sadd(f"{self._p}active", job_id)
+                            pipe.zrem(f"{self._p}done", job_id)
+                            pipe.hdel(f"{self._p}donemeta", job_id)
+                            pipe.persist(key)
+                    elif new["status"] in DONE:
+                        pipe.expire(key, self._record_ttl + 86400)
                     pipe.execute()
                     return new
                 except redis.WatchError:
@@ -394,25 +552,73 @@ class RedisJobStore(JobStore):
         items = items[:limit]
         return items, (items[-1]["id"] if more and items else None)
 
+    def _count(self, pipe, job: dict, step: int) -> None:
+        pipe.hincrby(f"{self._p}counts", job["status"], step)
+        pipe.hincrby(f"{self._p}tcount:{job['tenant']}", job["status"], step)
+
     def delete(self, job_id):
-        job = self.get(job_id)
-        if job is None:
-            return
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.delete(self._job(job_id))
-        pipe.zrem(self._tenant(job["tenant"]), job_id)
-        pipe.srem(f"{self._p}active", job_id)
-        pipe.hincrby(f"{self._p}counts", job["status"], -1)
-        pipe.execute()
+        import redis
+
+        key = self._job(job_id)
+        with self._redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        pipe.unwatch()
+                        return
+                    job = json.loads(raw)
+                    pipe.multi()
+                    pipe.delete(key)
+                    pipe.zrem(self._tenant(job["tenant"]), job_id)
+                    pipe.srem(f"{self._p}active", job_id)
+                    pipe.zrem(f"{self._p}done", job_id)
+                    pipe.hdel(f"{self._p}donemeta", job_id)
+                    self._count(pipe, job, -1)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
 
     def active(self):
         return [i.decode() for i in self._redis.smembers(f"{self._p}active")]
 
     def counts(self):
-        raw = self._redis.hgetall(f"{self._p}counts")
+        return self._counts(f"{self._p}counts")
+
+    def _counts(self, key: str) -> dict[str, int]:
         counts = dict.fromkeys(STATUSES, 0)
-        counts.update({k.decode(): int(v) for k, v in raw.items()})
+        counts.update({k.decode(): max(0, int(v)) for k, v in self._redis.hgetall(key).items()})
         return counts
+
+    def tenant_counts(self, tenant):
+        return self._counts(f"{self._p}tcount:{tenant}")
+
+    def take_submit_token(self, tenant, rate, burst):
+        return float(self._redis.eval(self._TOKEN, 1, f"{self._p}rate:{tenant}", rate, burst))
+
+    def acquire_slot(self, tenant, job_id, limit, seconds):
+        key = f"{self._p}slots:{tenant}"
+        return bool(self._redis.eval(self._SLOT, 1, key, job_id, limit, int(seconds * 1000)))
+
+    def renew_slot(self, tenant, job_id, seconds):
+        key = f"{self._p}slots:{tenant}"
+        self._redis.eval(self._RENEW_SLOT, 1, key, job_id, int(seconds * 1000))
+
+    def release_slot(self, tenant, job_id):
+        self._redis.zrem(f"{self._p}slots:{tenant}", job_id)
+
+    def purge_finished(self, older_than):
+        done, meta = f"{self._p}done", f"{self._p}donemeta"
+        cutoff = time.time() - older_than
+        purged = 0
+        while True:
+            ids = self._redis.zrangebyscore(done, "-inf", cutoff, start=0, num=500)
+            for job_id in ids:
+                purged += int(self._redis.eval(self._PURGE, 2, done, meta, job_id, self._p))
+            if len(ids) < 500:
+                return purged
 
     _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"  # noqa: E501
     _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"  # noqa: E501
@@ -462,5 +668,7 @@ class RedisJobStore(JobStore):
 
 def make_store(settings) -> JobStore:
     if settings.mode == "distributed":
-        return RedisJobStore(settings.redis_url, settings.key_prefix, settings.idempotency_ttl)
+        return RedisJobStore(
+            settings.redis_url, settings.key_prefix, settings.idempotency_ttl, settings.record_ttl
+        )
     return MemoryJobStore(Path(settings.data_dir) / "jobs.json", settings.idempotency_ttl)

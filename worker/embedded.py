@@ -9,7 +9,7 @@ import threading
 from service.models import DONE
 from service.queue import Queue
 
-from .pipeline import run_job
+from .pipeline import DEFER_SECONDS, run_job
 from .recovery import Reaper
 
 log = logging.getLogger("otfuse.worker")
@@ -38,7 +38,9 @@ class EmbeddedQueue(Queue):
             thread = threading.Thread(target=self._work, daemon=True, name=f"otfuse-worker-{n}")
             thread.start()
             self._threads.append(thread)
-        self._reaper = Reaper(self.store, self.enqueue, self.settings.lease_seconds)
+        self._reaper = Reaper(
+            self.store, self.enqueue, self.settings.lease_seconds, self.settings.record_ttl
+        )
         self._reaper.start()
 
     def _work(self) -> None:
@@ -49,6 +51,10 @@ class EmbeddedQueue(Queue):
             try:
                 outcome = run_job(job_id, self.store, self.storage, self.settings, self._stopping)
                 log.info("job %s: %s", job_id, outcome)
+                if outcome == "deferred" and not self._stopping.is_set():
+                    timer = threading.Timer(DEFER_SECONDS, self.enqueue, [job_id])
+                    timer.daemon = True
+                    timer.start()
             except Exception:
                 log.exception("job %s: the pipeline crashed", job_id)
 

@@ -56,6 +56,7 @@ STAGE_SPAN = {
     "uploading": (0.95, 1.0),
 }
 UPDATE_EVERY = 0.2  # seconds between progress writes to the job store
+DEFER_SECONDS = 2.0  # a job whose tenant has all its running slots is delivered again after
 # fuse_job's stages -> the job record's, with a first detail ("writing" = metrics.json and
 # the report: the first part of publishing)
 STAGES = {
@@ -141,9 +142,12 @@ def resolve_device(device: str) -> str:
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, store: JobStore, job_id: str, token: str, seconds: float):
+    """Renews the job's lease, and its tenant's running slot, every third of a lease."""
+
+    def __init__(self, store: JobStore, job_id: str, token: str, seconds: float, tenant: str):
         super().__init__(daemon=True, name=f"lease-{job_id}")
         self.store, self.job_id, self.token, self.seconds = store, job_id, token, seconds
+        self.tenant = tenant
         self.stopped = threading.Event()
         self.lost = threading.Event()
 
@@ -153,6 +157,7 @@ class Heartbeat(threading.Thread):
                 if not self.store.renew_lease(self.job_id, self.token, self.seconds):
                     self.lost.set()
                     return
+                self.store.renew_slot(self.tenant, self.job_id, self.seconds)
             except Exception:  # a store blip: try again at the next beat
                 log.warning("lease renewal of %s failed", self.job_id, exc_info=True)
 
@@ -265,10 +270,21 @@ class Run:
         return job if started else None
 
     def __call__(self) -> str:
-        if not self.store.acquire_lease(self.job_id, self.token, self.settings.lease_seconds):
+        """ "deferred" means: the tenant has its maximum of jobs running; deliver it again
+        in a few seconds (the caller does)."""
+        seconds = self.settings.lease_seconds
+        if not self.store.acquire_lease(self.job_id, self.token, seconds):
             log.info("job %s is leased by another worker; skipping this delivery", self.job_id)
             return "leased-elsewhere"
-        self.heartbeat = Heartbeat(self.store, self.job_id, self.token, self.settings.lease_seconds)
+        record = self.store.get(self.job_id) or {}
+        tenant = record.get("tenant", "")
+        wants_to_run = record.get("status") not in DONE and not record.get("cancel_requested")
+        limit = self.settings.max_running_per_tenant
+        if wants_to_run and not self.store.acquire_slot(tenant, self.job_id, limit, seconds):
+            self.store.release_lease(self.job_id, self.token)
+            self._waiting(limit)
+            return "deferred"
+        self.heartbeat = Heartbeat(self.store, self.job_id, self.token, seconds, tenant)
         self.heartbeat.start()
         try:
             job = self.start()
@@ -278,7 +294,19 @@ class Run:
         finally:
             self.heartbeat.stopped.set()
             self._close_stage()
+            self.store.release_slot(tenant, self.job_id)
             self.store.release_lease(self.job_id, self.token)
+
+    def _waiting(self, limit: int) -> None:
+        detail = f"waiting: {limit} of this tenant's jobs are running (the most at once)"
+
+        def change(job):
+            if job["status"] != "queued" or job.get("detail") == detail:
+                return None
+            job["detail"] = detail
+            return job
+
+        self.store.update(self.job_id, change)
 
     def _run(self, job: dict) -> str:
         started = time.perf_counter()

@@ -47,14 +47,21 @@ def _requeue(store, job_id: str) -> bool:
 
 
 class Reaper(threading.Thread):
-    def __init__(self, store, enqueue, lease_seconds: float):
+    """Every lease period: requeue stale jobs, and delete records of jobs that ended more
+    than `record_ttl` seconds ago (their outputs stay; see docs/security.md)."""
+
+    def __init__(self, store, enqueue, lease_seconds: float, record_ttl: float):
         super().__init__(daemon=True, name="otfuse-reaper")
         self.store, self.enqueue, self.lease_seconds = store, enqueue, lease_seconds
+        self.record_ttl = record_ttl
         self.stopped = threading.Event()
 
     def run(self):
         while not self.stopped.wait(self.lease_seconds):
             try:
                 requeue_stale(self.store, self.enqueue, self.lease_seconds)
+                purged = self.store.purge_finished(self.record_ttl)
+                if purged:
+                    log.info("deleted %d job records ended %ds ago", purged, self.record_ttl)
             except Exception:
                 log.warning("stale-job scan failed", exc_info=True)

@@ -272,7 +272,7 @@ async def get_job(request: Request, job_id: str):
             "headers": {"Location": {"schema": {"type": "string"}, "description": "/fusions/{id}"}},
             "content": {"application/json": {"example": QUEUED}},
         },
-        **_problem_responses(401, 422, 503),
+        **_problem_responses(401, 413, 422, 429, 503),
     },
 )
 async def submit(

@@ -1,13 +1,19 @@
-"""Liveness, readiness and Prometheus metrics (no auth)."""
+"""Liveness, readiness and Prometheus metrics (no auth; failure details need a key)."""
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..auth import tenant_of
+from ..problems import ProblemError
+
 router = APIRouter(tags=["health"])
+log = logging.getLogger("otfuse.api")
 
 
 READY = {"status": "ready", "checks": {"store": "ok", "queue": "ok", "storage": "ok"}}
@@ -27,7 +33,14 @@ async def healthz() -> dict:
     },
 )
 async def readyz(request: Request):
+    """Why a check failed is for operators: in the log, and in the body only for callers
+    with a valid API key (or on an open loopback server)."""
     state = request.app.state
+    try:
+        tenant_of(request)
+        detailed = True
+    except ProblemError:
+        detailed = False
     checks = {}
     for name, ping in (
         ("store", state.store.ping),
@@ -38,7 +51,8 @@ async def readyz(request: Request):
             await run_in_threadpool(ping)
             checks[name] = "ok"
         except Exception as exc:
-            checks[name] = f"error: {type(exc).__name__}: {exc}"[:300]
+            log.warning("readiness: %s failed: %s: %s", name, type(exc).__name__, exc)
+            checks[name] = f"error: {type(exc).__name__}: {exc}"[:300] if detailed else "error"
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "not-ready", "checks": checks},
