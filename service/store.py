@@ -489,47 +489,55 @@ class RedisJobStore(JobStore):
     def close(self):
         self._redis.close()
 
-    def update(self, job_id, change):
+    def _watched(self, key: str, write):
+        """An optimistic transaction on one record: `write(pipe, job)` (job None when
+        absent) queues its writes after `pipe.multi()`, or queues none; it is retried when
+        another client changes the record in between."""
         import redis
 
-        key = self._job(job_id)
         with self._redis.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(key)
                     raw = pipe.get(key)
-                    if raw is None:
+                    result = write(pipe, json.loads(raw) if raw is not None else None)
+                    if pipe.explicit_transaction:
+                        pipe.execute()
+                    else:
                         pipe.unwatch()
-                        return None
-                    job = json.loads(raw)
-                    new = change(copy.deepcopy(job))
-                    if new is None:
-                        pipe.unwatch()
-                        return job
-                    _stamp(job, new)
-                    pipe.multi()
-                    pipe.set(key, dumps(new))
-                    if new["status"] != job["status"]:
-                        self._count(pipe, job, -1)
-                        self._count(pipe, new, 1)
-                        if new["status"] in DONE:
-                            pipe.srem(f"{self._p}active", job_id)
-                            pipe.zadd(f"{self._p}done", {job_id: time.time()})
-                            meta = f"{new['tenant']}\t{new['status']}"
-                            pipe.hset(f"{self._p}donemeta", job_id, meta)
-                            # A backstop: purge_finished removes it on time and counts it.
-                            pipe.expire(key, self._record_ttl + 86400)
-                        else:
-                            pipe.sadd(f"{self._p}active", job_id)
-                            pipe.zrem(f"{self._p}done", job_id)
-                            pipe.hdel(f"{self._p}donemeta", job_id)
-                            pipe.persist(key)
-                    elif new["status"] in DONE:
-                        pipe.expire(key, self._record_ttl + 86400)
-                    pipe.execute()
-                    return new
+                    return result
                 except redis.WatchError:
                     continue
+
+    def update(self, job_id, change):
+        key = self._job(job_id)
+
+        def write(pipe, job):
+            if job is None:
+                return None
+            new = change(copy.deepcopy(job))
+            if new is None:
+                return job
+            _stamp(job, new)
+            pipe.multi()
+            pipe.set(key, dumps(new))
+            if new["status"] != job["status"]:
+                self._count(pipe, job, -1)
+                self._count(pipe, new, 1)
+                if new["status"] in DONE:
+                    pipe.srem(f"{self._p}active", job_id)
+                    pipe.zadd(f"{self._p}done", {job_id: time.time()})
+                    pipe.hset(f"{self._p}donemeta", job_id, f"{new['tenant']}\t{new['status']}")
+                else:
+                    pipe.sadd(f"{self._p}active", job_id)
+                    pipe.zrem(f"{self._p}done", job_id)
+                    pipe.hdel(f"{self._p}donemeta", job_id)
+                    pipe.persist(key)
+            if new["status"] in DONE:  # a backstop: purge_finished removes it on time
+                pipe.expire(key, self._record_ttl + 86400)
+            return new
+
+        return self._watched(key, write)
 
     def list(self, tenant, status, after, limit):
         items: list[dict] = []
@@ -557,29 +565,18 @@ class RedisJobStore(JobStore):
         pipe.hincrby(f"{self._p}tcount:{job['tenant']}", job["status"], step)
 
     def delete(self, job_id):
-        import redis
+        def write(pipe, job):
+            if job is None:
+                return
+            pipe.multi()
+            pipe.delete(self._job(job_id))
+            pipe.zrem(self._tenant(job["tenant"]), job_id)
+            pipe.srem(f"{self._p}active", job_id)
+            pipe.zrem(f"{self._p}done", job_id)
+            pipe.hdel(f"{self._p}donemeta", job_id)
+            self._count(pipe, job, -1)
 
-        key = self._job(job_id)
-        with self._redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        pipe.unwatch()
-                        return
-                    job = json.loads(raw)
-                    pipe.multi()
-                    pipe.delete(key)
-                    pipe.zrem(self._tenant(job["tenant"]), job_id)
-                    pipe.srem(f"{self._p}active", job_id)
-                    pipe.zrem(f"{self._p}done", job_id)
-                    pipe.hdel(f"{self._p}donemeta", job_id)
-                    self._count(pipe, job, -1)
-                    pipe.execute()
-                    return
-                except redis.WatchError:
-                    continue
+        self._watched(self._job(job_id), write)
 
     def active(self):
         return [i.decode() for i in self._redis.smembers(f"{self._p}active")]
