@@ -51,6 +51,11 @@ def normalize(field: str, uri: str, folder: bool) -> str:
     if scheme == "s3":
         if not bucket:
             raise SpecError(field, f"{uri}: no bucket")
+        # Keys are opaque to S3, but not to every S3-compatible server or to the prefix
+        # checks here: no `.`, `..` or empty segments.
+        segments = path.rstrip("/").split("/") if path.rstrip("/") else []
+        if any(part in ("", ".", "..") for part in segments) or "\\" in path:
+            raise SpecError(field, f"{uri}: the key must be a plain path (no ., .. or //)")
         if not folder and (not path or path.endswith("/")):
             raise SpecError(field, f"{uri}: names a folder, not a file")
         if folder:

@@ -6,6 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 PROBLEM = "application/problem+json"
 TITLES = {
@@ -75,13 +76,18 @@ def _field(loc) -> str:
     return ".".join(parts) or "body"
 
 
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
 def allowed_methods(app: FastAPI, request: Request) -> list[str]:
-    methods: set[str] = set()
-    for route in app.routes:
-        regex = getattr(route, "path_regex", None)
-        if regex is not None and regex.match(request.url.path):
-            methods |= set(getattr(route, "methods", None) or ())
-    return sorted(methods)
+    """The methods some route fully matches for this path (the router's own 405 names only
+    the first route that matched the path)."""
+    allowed = []
+    for method in METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in app.router.routes):
+            allowed.append(method)
+    return allowed
 
 
 def install(app: FastAPI) -> None:
@@ -110,6 +116,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         headers = getattr(exc, "headers", None)
+        if exc.status_code == 400 and request.method == "POST":  # a body that is not JSON
+            message = "not a JSON document (invalid bytes or syntax)"
+            errors = [{"field": "body", "message": message}]
+            return problem(
+                422, f"body: {message}", request.url.path, "invalid-job-spec", errors, headers
+            )
         if exc.status_code == 405:  # every route of the path, not only the first one matched
             headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(app, request))}
         return problem(

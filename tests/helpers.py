@@ -86,11 +86,16 @@ def settings_from_env(env: dict):
     )
 
 
+_broker_dbs = iter(range(1, 16))
+
+
 def distributed_env(redis_url: str, s3_endpoint: str, **overrides: str) -> dict:
-    """OTFUSE_* and AWS_* variables of a distributed stack on its own key prefix; two tenants,
-    alice and bob."""
+    """OTFUSE_* and AWS_* variables of a distributed stack on its own key prefix and its own
+    broker database (workers of two stacks must not take each other's messages); two
+    tenants, alice and bob."""
     env = {
         "OTFUSE_REDIS_URL": redis_url,
+        "OTFUSE_BROKER_URL": redis_url.rsplit("/", 1)[0] + f"/{next(_broker_dbs)}",
         "OTFUSE_S3_ENDPOINT_URL": s3_endpoint,
         "OTFUSE_BUCKET": BUCKET,
         "OTFUSE_ALLOWED_BUCKETS": f"{BUCKET},{MODELS}",
@@ -115,3 +120,38 @@ def seed_buckets(s3, parents: dict) -> None:
         for file in folder.iterdir():
             s3.upload_file(str(file), MODELS, f"vit-{i}/{file.name}")
     s3.upload_file(str(parents["data"]), MODELS, "data/images.safetensors")
+
+
+def start_server(env: dict, port: int, log: Path) -> subprocess.Popen:
+    """`otfuse serve` as a process on `port` with `env` (OTFUSE_* variables); returns once
+    /healthz answers."""
+    import httpx
+
+    full = {k: v for k, v in os.environ.items() if not k.startswith("OTFUSE_")} | env
+    with log.open("a") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "otfuse", "serve", "--port", str(port)],
+            env=full,
+            cwd=REPO,
+            stdout=out,
+            stderr=out,
+        )
+
+    def up():
+        if proc.poll() is not None:
+            raise AssertionError(f"otfuse serve exited: {log.read_text()[-2000:]}")
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, 90, "otfuse serve")
+    return proc
+
+
+def rss_peak_kib(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmHWM for {pid}")

@@ -205,6 +205,7 @@ async def _owned(request: Request, job_id: str, who: str) -> tuple[bytes, dict]:
 
 @router.get(
     "/{job_id}",
+    operation_id="get_job",
     summary="A job: status, stage, progress, result",
     response_model=Job,
     responses={
@@ -263,6 +264,7 @@ async def get_job(request: Request, job_id: str):
 
 @router.post(
     "",
+    operation_id="submit_job",
     status_code=202,
     summary="Submit a fusion job",
     response_model=Job,
@@ -271,6 +273,14 @@ async def get_job(request: Request, job_id: str):
             "description": "accepted; poll the Location",
             "headers": {"Location": {"schema": {"type": "string"}, "description": "/fusions/{id}"}},
             "content": {"application/json": {"example": QUEUED}},
+            "links": {
+                name: {"operationId": operation, "parameters": {"job_id": "$response.body#/id"}}
+                for name, operation in (
+                    ("GetJob", "get_job"),
+                    ("CancelJob", "cancel_job"),
+                    ("DeleteJob", "delete_job"),
+                )
+            },
         },
         **_problem_responses(401, 413, 422, 429, 503),
     },
@@ -296,6 +306,7 @@ async def submit(
 
 @router.get(
     "",
+    operation_id="list_jobs",
     summary="The caller's jobs, newest first",
     response_model=JobList,
     responses=_problem_responses(401, 422),
@@ -326,6 +337,7 @@ async def list_jobs(
 
 @router.post(
     "/{job_id}:cancel",
+    operation_id="cancel_job",
     summary="Cancel a job (cooperative)",
     response_model=Job,
     responses=_problem_responses(401, 404, 409),
@@ -340,6 +352,7 @@ async def cancel(request: Request, job_id: str, who: Annotated[str, Depends(tena
 
 @router.delete(
     "/{job_id}",
+    operation_id="delete_job",
     status_code=204,
     summary="Remove a finished job's record (and, with artifacts=true, its outputs)",
     responses=_problem_responses(401, 404, 409),
