@@ -155,3 +155,13 @@ def rss_peak_kib(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmHWM for {pid}")
+
+
+@contextlib.contextmanager
+def worker_stack(env: dict, s3, log: Path):
+    """A Celery worker for `env` while the block runs; yields what tests need of the stack."""
+    proc = start_celery_worker(env, log)
+    try:
+        yield {"settings": settings_from_env(env), "s3": s3, "proc": proc, "log": log, "env": env}
+    finally:
+        stop_process(proc)

@@ -8,13 +8,7 @@ from __future__ import annotations
 import boto3
 import pytest
 from fastapi.testclient import TestClient
-from helpers import (
-    distributed_env,
-    seed_buckets,
-    settings_from_env,
-    start_celery_worker,
-    stop_process,
-)
+from helpers import distributed_env, seed_buckets, worker_stack
 from security_stack import INPUT_CAP
 
 from service.app import create_app
@@ -25,12 +19,8 @@ def attack_stack(redis_url, s3_endpoint, parents, tmp_path_factory):
     env = distributed_env(redis_url, s3_endpoint, OTFUSE_MAX_INPUT_BYTES=str(INPUT_CAP))
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     seed_buckets(s3, parents)
-    log = tmp_path_factory.mktemp("attack-worker") / "worker.log"
-    proc = start_celery_worker(env, log)
-    try:
-        yield {"settings": settings_from_env(env), "s3": s3, "proc": proc, "log": log}
-    finally:
-        stop_process(proc)
+    with worker_stack(env, s3, tmp_path_factory.mktemp("attack-worker") / "worker.log") as stack:
+        yield stack
 
 
 @pytest.fixture

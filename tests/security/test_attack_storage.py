@@ -150,13 +150,19 @@ def test_alice_reads_her_own_results(api, alice_published):
     api.post(f"/fusions/{response.json()['id']}:cancel", headers=ALICE)
 
 
-def test_delete_with_artifacts_removes_only_what_the_job_published(api, attack_stack):
-    s3 = attack_stack["s3"]
+def published_by_alice(api, name: str) -> tuple[dict, str]:
+    """A succeeded job of alice's at an output prefix of her choice, and that prefix."""
     models = (f"s3://{MODELS}/vit-0/", f"s3://{MODELS}/vit-1/")
-    out = f"fusions/alice/shared-{uuid.uuid4().hex[:6]}/"
+    out = f"fusions/alice/{name}-{uuid.uuid4().hex[:6]}/"
     job = api.post("/fusions", json=spec(*models, output=f"s3://{BUCKET}/{out}"), headers=ALICE)
     job = wait_done(api, job.json()["id"], ALICE)
     assert job["status"] == "succeeded", job
+    return job, out
+
+
+def test_delete_with_artifacts_removes_only_what_the_job_published(api, attack_stack):
+    s3 = attack_stack["s3"]
+    job, out = published_by_alice(api, "shared")
     published = s3_keys(s3, BUCKET, out)
     assert sorted(job["result"]["files"]) == sorted(k.removeprefix(out) for k in published)
     s3.put_object(Bucket=BUCKET, Key=f"{out}notes.txt", Body=b"alice's own notes")
@@ -167,11 +173,7 @@ def test_delete_with_artifacts_removes_only_what_the_job_published(api, attack_s
 
 def test_delete_refuses_when_the_prefix_holds_another_job_s_files(api, attack_stack):
     s3 = attack_stack["s3"]
-    models = (f"s3://{MODELS}/vit-0/", f"s3://{MODELS}/vit-1/")
-    out = f"fusions/alice/reused-{uuid.uuid4().hex[:6]}/"
-    job = api.post("/fusions", json=spec(*models, output=f"s3://{BUCKET}/{out}"), headers=ALICE)
-    job = wait_done(api, job.json()["id"], ALICE)
-    assert job["status"] == "succeeded", job
+    job, out = published_by_alice(api, "reused")
     s3.put_object(Bucket=BUCKET, Key=f"{out}job.json", Body=json.dumps({"job_id": "someone"}))
     response = api.delete(f"/fusions/{job['id']}?artifacts=true", headers=ALICE)
     assert response.status_code == 409

@@ -23,10 +23,8 @@ from helpers import (
     distributed_env,
     s3_keys,
     seed_buckets,
-    settings_from_env,
-    start_celery_worker,
-    stop_process,
     wait_for,
+    worker_stack,
 )
 from test_api_embedded import HeldQueue
 
@@ -44,12 +42,8 @@ def stack(redis_url, s3_endpoint, parents, tmp_path_factory):
     seed_buckets(s3, parents)
     calib = image_data(tmp_path_factory.mktemp("calib") / "calib.safetensors", seed=1)
     s3.upload_file(str(calib), MODELS, "data/calib.safetensors")
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    proc = start_celery_worker(env, log)
-    try:
-        yield {"settings": settings_from_env(env), "s3": s3, "proc": proc, "log": log, "env": env}
-    finally:
-        stop_process(proc)
+    with worker_stack(env, s3, tmp_path_factory.mktemp("worker") / "worker.log") as stack:
+        yield stack
 
 
 @pytest.fixture
