@@ -39,6 +39,9 @@ def compose_command() -> list[str] | None:
 def test_compose_config_is_valid():
     command = compose_command()
     if command is None:
+        # CI installs Debian's docker-compose (.ci/run); there a missing client is a failure.
+        if os.environ.get("OTFUSE_CI"):
+            pytest.fail("docker-compose is not installed; .ci/run should have installed it")
         pytest.skip("neither docker-compose nor the docker compose plugin is installed")
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTFUSE_")} | example_env()
     done = subprocess.run(
@@ -67,7 +70,10 @@ def test_stack_shape(compose):
     for name in ("redis", "minio", "flower", "minio-init"):
         image = services[name]["image"]
         assert re.search(r":[\w.\-]+$", image) and not image.endswith(":latest"), image
-    assert "mc mb" in " ".join(services["minio-init"]["entrypoint"])
+    init = " ".join(services["minio-init"]["entrypoint"])
+    assert "mc mb" in init and "mc admin user add" in init and "policy attach" in init
+    for port in services["minio"]["ports"]:
+        assert port.startswith("127.0.0.1:"), port  # the S3 API stays off the network
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert services["worker"]["stop_grace_period"] == "30m"
@@ -102,3 +108,47 @@ def test_dockerfiles_copy_what_exists(name):
         for path in source.split():
             assert (REPO / path).exists(), f"{name}: COPY {path} does not exist"
     assert "otfuse" in text.splitlines()[-1]
+
+
+def test_the_app_uses_its_own_minio_user_not_root(compose):
+    env = compose["x-otfuse-env"]
+    assert "MINIO_APP_USER" in env["AWS_ACCESS_KEY_ID"]
+    assert "MINIO_APP_PASSWORD" in env["AWS_SECRET_ACCESS_KEY"]
+    assert "ROOT" not in env["AWS_ACCESS_KEY_ID"] + env["AWS_SECRET_ACCESS_KEY"]
+    policy = compose["services"]["minio-init"]["environment"]["APP_POLICY"]
+    import json
+
+    statements = json.loads(policy)["Statement"]
+    writable = {r for s in statements if "s3:PutObject" in s["Action"] for r in s["Resource"]}
+    assert writable == {"arn:aws:s3:::otfuse/*"}  # models/ is read-only for the app
+
+
+def run_preflight(compose, env: dict) -> subprocess.CompletedProcess:
+    """The preflight service's script, as compose would run it ($$ is a literal $)."""
+    script = compose["services"]["preflight"]["entrypoint"][2].replace("$$", "$")
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=env)
+
+
+def test_preflight_refuses_placeholder_and_short_secrets(compose):
+    done = run_preflight(compose, example_env())
+    assert done.returncode != 0
+    for name in ("REDIS_PASSWORD", "MINIO_ROOT_PASSWORD", "MINIO_APP_PASSWORD", "OTFUSE_API_KEYS"):
+        assert f"{name} still holds a placeholder" in done.stdout
+    strong = {
+        "REDIS_PASSWORD": "kP9vX2qL8wZ4rT6y",
+        "MINIO_ROOT_PASSWORD": "Hn3bV7mC1xQ5sD8f",
+        "MINIO_APP_PASSWORD": "Gy6tR2eW9uI4oP1a",
+        "OTFUSE_API_KEYS": "Jk8hG5fD2sA7lZ3x:team-a",
+        "FLOWER_BASIC_AUTH": "admin:Bn4mV8cX1zQ6wE9r",
+    }
+    assert run_preflight(compose, strong).returncode == 0
+    short = strong | {"REDIS_PASSWORD": "short"}
+    done = run_preflight(compose, short)
+    assert done.returncode != 0 and "REDIS_PASSWORD is shorter" in done.stdout
+
+
+def test_every_service_waits_for_the_preflight(compose):
+    for name in ("redis", "minio"):
+        assert compose["services"][name]["depends_on"]["preflight"]["condition"] == (
+            "service_completed_successfully"
+        )
