@@ -57,6 +57,9 @@ def add_commands(commands) -> None:
         else:
             command.add_argument("id", metavar="ID")
         command.add_argument(
+            "--json", action="store_true", help="print the job record as JSON (default: a summary)"
+        )
+        command.add_argument(
             "--url", default=os.environ.get("OTFUSE_URL", DEFAULT_URL), help="server URL"
         )
         command.add_argument(
@@ -143,6 +146,32 @@ def _bar(job: dict, width: int = 30) -> str:
     )
 
 
+OUTAGE_PATIENCE = 300.0  # seconds `wait` keeps polling an API that does not answer
+
+
+def _poll(client, path: str, headers: dict, stream, patience: float = OUTAGE_PATIENCE):
+    """GET, riding out an API restart: connection errors and 502/503/504 are retried with
+    backoff for up to `patience` seconds."""
+    import httpx
+
+    deadline, delay, said = time.monotonic() + patience, 0.25, False
+    while True:
+        try:
+            response = client.get(path, headers=headers)
+            if response.status_code not in (502, 503, 504):
+                return response
+            reason = f"HTTP {response.status_code}"
+        except httpx.TransportError as exc:
+            reason = type(exc).__name__
+        if time.monotonic() > deadline:
+            raise CommandError(f"the otfuse API did not answer for {patience:.0f}s ({reason})")
+        if not said:
+            stream.write(f"\notfuse: the API is not answering ({reason}); still polling\n")
+            said = True
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
 def wait(client, job: dict, stream=sys.stderr) -> dict:
     """Poll honouring Retry-After, sending the ETag back; draw a progress bar."""
     etag = None
@@ -150,7 +179,7 @@ def wait(client, job: dict, stream=sys.stderr) -> dict:
     last = None
     while job["status"] in ("queued", "running"):
         headers = {"If-None-Match": etag} if etag else {}
-        response = client.get(f"/fusions/{job['id']}", headers=headers)
+        response = _poll(client, f"/fusions/{job['id']}", headers, stream)
         if response.status_code != 304:
             job = _check(response)
             etag = response.headers.get("etag")
@@ -180,7 +209,7 @@ def submit(args: argparse.Namespace) -> int:
         print(f"submitted {job['id']}", file=sys.stderr)
         if args.wait:
             job = wait(client, job)
-    print(json.dumps(job, indent=2))
+    print(json.dumps(job, indent=2) if args.json else summary(job))
     if args.wait and job["status"] != "succeeded":
         error = job.get("error") or {}
         print(f"otfuse: job {job['status']}: {error.get('message', '')}", file=sys.stderr)
@@ -190,18 +219,79 @@ def submit(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        print(json.dumps(_check(client.get(f"/fusions/{args.id}")), indent=2))
+        job = _check(client.get(f"/fusions/{args.id}"))
+    print(json.dumps(job, indent=2) if args.json else summary(job))
     return 0
 
 
+def summary(job: dict) -> str:
+    """A job for people: status, the recipe that ran, the metrics table (parents, ensemble,
+    baselines, the published model) and where the artifacts are."""
+    lines = [f"job {job['id']} ({job.get('name') or 'unnamed'}): {job['status']}"]
+    if job["status"] in ("queued", "running"):
+        lines[0] += f", {job.get('progress', 0) * 100:.0f}% ({job.get('detail', '')})"
+        lines.append(f"follow it with: otfuse status {job['id']}")
+        return "\n".join(lines)
+    if job.get("error"):
+        stage = f" in {job['stage']}" if job.get("stage") else ""
+        lines.append(f"error{stage}: {job['error']['type']}: {job['error']['message']}")
+    result = job.get("result") or {}
+    metrics = result.get("metrics") or {}
+    spec = metrics.get("spec") or {}
+    if spec:
+        solver = "EMD" if spec.get("solver") == "emd" else f"Sinkhorn reg {spec.get('reg'):g}"
+        recipe = f"{spec.get('method', 'ot')}, {spec.get('alignment')} alignment, {solver}"
+        recipe += f", residual {spec.get('residual')}, heads {spec.get('heads')}"
+        chosen = " (chosen on the calibration data)" if result.get("chosen") else ""
+        lines.append(f"recipe: {recipe}{chosen}")
+    rows = metrics.get("evaluation") or []
+    names = [
+        n
+        for n in ("accuracy", "loss", "perplexity")
+        if any(n in (r.get("metrics") or {}) for r in rows)
+    ]
+    if rows and names:
+        lines.append("")
+        lines.append(f"  {'model':<24}" + "".join(f"{n:>12}" for n in names))
+        for row in rows:
+            mark = " *" if row.get("path") == "." else ""
+            if row.get("skipped"):
+                lines.append(f"  {row['name'] + mark:<24}  skipped: {row['skipped']}")
+                continue
+            values = "".join(
+                f"{row['metrics'][n]:>12.4f}" if n in row["metrics"] else f"{'':>12}" for n in names
+            )
+            lines.append(f"  {row['name'] + mark:<24}{values}")
+        lines.append("  (* published)")
+    if result:
+        lines.append("")
+        lines.append(f"checkpoint: {result['checkpoint']}")
+        lines.append(f"metrics:    {result['metrics_uri']}")
+        for label, key in (("report:    ", "report_uri"), ("maps:      ", "transport_maps_uri")):
+            if result.get(key):
+                lines.append(f"{label} {result[key]}")
+    return "\n".join(lines)
+
+
 def _guard(handler):
+    import httpx
+
     def run(args):
         try:
             return handler(args)
         except CommandError as exc:
             print(f"otfuse: error: {exc}", file=sys.stderr)
             return exc.code
-        except OSError as exc:  # connection refused, unreadable spec file
+        except httpx.TransportError as exc:  # before OSError: some are both
+            url = getattr(args, "url", DEFAULT_URL)
+            reason = str(exc).split("] ")[-1].lower() or type(exc).__name__
+            print(
+                f"otfuse: error: cannot reach the otfuse API at {url}: {reason}; "
+                "is `otfuse serve` running (or OTFUSE_URL set)?",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        except OSError as exc:  # an unreadable spec file
             print(f"otfuse: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
 

@@ -318,8 +318,9 @@ class S3Backend:
     def publish(self, local: Path, prefix: str, job_id: str, attempt: int) -> list[str]:
         """Upload to a temporary prefix, then copy to the final keys (job.json first,
         metrics.json last: a reader that sees metrics.json sees a complete result), then
-        delete the temporary keys. Returns the published names. If the copies fail midway,
-        the ones made are deleted again (best effort: the store may be down)."""
+        delete the temporary keys (of every attempt of the job). Returns the published names.
+        If the copies fail midway, the ones made are deleted again (best effort: the store
+        may be down)."""
         _, bucket, key = parse_uri(prefix)
         key = key.rstrip("/") + "/"
         tmp = f"{TMP_PREFIX}{job_id}/{attempt}/"
@@ -340,8 +341,8 @@ class S3Backend:
         except Exception as exc:
             self._delete_quietly(bucket, [key + n for n in copied])
             raise self._error(prefix, exc) from exc
-        finally:
-            self._delete_quietly(bucket, None, tmp)
+        finally:  # this attempt's uploads, and those of attempts that died before cleaning up
+            self._delete_quietly(bucket, None, f"{TMP_PREFIX}{job_id}/")
         return order
 
     def _delete_keys(self, bucket: str, keys: list[str]) -> None:

@@ -182,13 +182,20 @@ class Run:
 
     # -- record updates -------------------------------------------------------------------
     def _set(self, **fields) -> dict | None:
+        """Best effort: while the job store is unreachable (a Redis restart) the job goes
+        on; its lease decides whether it may finish."""
+
         def change(job):
             if job["status"] != "running":
                 return None
             job.update(fields)
             return job
 
-        return self.store.update(self.job_id, change)
+        try:
+            return self.store.update(self.job_id, change)
+        except Exception:
+            log.warning("job %s: progress not recorded (job store unreachable)", self.job_id)
+            return None
 
     def enter(self, stage: str, detail: str) -> None:
         self.check()
@@ -224,7 +231,10 @@ class Run:
         now = time.perf_counter()
         if now - self.last_poll >= 0.25:
             self.last_poll = now
-            job = self.store.get(self.job_id)
+            try:
+                job = self.store.get(self.job_id)
+            except Exception:  # unreachable store: ask again at the next poll
+                return False
             self.cancel_seen = job is None or job.get("cancel_requested", False)
         return self.cancel_seen
 

@@ -52,13 +52,22 @@ def test_serve_submit_wait_status(tmp_path, parents):
         spec.write_text(
             json.dumps({"models": models, "data": {"eval": f"file://{parents['data']}"}})
         )
-        done = otfuse("submit", str(spec), "--wait", env=env)
+        done = otfuse("submit", str(spec), "--wait", "--json", env=env)
         assert done.returncode == 0, done.stderr
         job = json.loads(done.stdout)
         assert job["status"] == "succeeded" and "accuracy" in job["result"]["metrics"]["fused"]
         assert "100.0%" in done.stderr  # the progress bar reached the end
-        shown = otfuse("status", job["id"], env=env)
+        shown = otfuse("status", job["id"], "--json", env=env)
         assert shown.returncode == 0 and json.loads(shown.stdout)["id"] == job["id"]
+        # Without --json: a summary for people, the ensemble and the artifacts included.
+        human = otfuse("submit", str(spec), "--wait", env=env)
+        assert human.returncode == 0, human.stderr
+        lines = human.stdout.splitlines()
+        assert lines[0].endswith(": succeeded") and "recipe: ot, weights alignment" in human.stdout
+        table = {line.split()[0] for line in lines if line.startswith("  ")}
+        assert {"parent", "ensemble", "vanilla", "fused"} <= table
+        assert any(line.startswith("checkpoint: file://") for line in lines)
+        assert len(lines) < 20 and "{" not in human.stdout
         spec.write_text(json.dumps({"models": models[:1]}))
         bad = otfuse("submit", str(spec), env=env)
         assert bad.returncode == 3 and "422: models:" in bad.stderr
@@ -80,3 +89,15 @@ def test_worker_needs_redis(tmp_path):
     env.pop("OTFUSE_REDIS_URL", None)
     done = otfuse("worker", env=env)
     assert done.returncode == 3 and "OTFUSE_REDIS_URL" in done.stderr
+
+
+def test_submit_and_status_without_a_server_say_so_in_one_line(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"models": ["file:///a/", "file:///b/"]}))
+    url = f"http://127.0.0.1:{free_port()}"
+    for args in (["submit", str(spec)], ["status", "0123456789abcdef01234567"]):
+        done = otfuse(*args, "--url", url)
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert f"cannot reach the otfuse API at {url}" in done.stderr
+        assert "otfuse serve" in done.stderr
