@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from .data import LABELS, batches
-from .errors import InputError
+from .errors import InputError, check_cancelled
 from .families import Family, Tap, canonical_name
 from .models import ParentModel
 
@@ -89,6 +89,7 @@ def collect(
     spec_filter: str,
     window: int | None,
     device: str,
+    should_cancel=None,
 ) -> dict[Tap, torch.Tensor]:
     """Run one model over the data and return (tokens, n) activations per tap, on device."""
     family = parent.family
@@ -136,6 +137,7 @@ def collect(
     try:
         with torch.no_grad():
             for number, batch in enumerate(batches(data, BATCH_SIZE, count)):
+                check_cancelled(should_cancel)
                 inputs = {k: v.to(device) for k, v in batch.items() if k != LABELS}
                 current.clear()
                 current.update(batch)

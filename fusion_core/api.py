@@ -17,7 +17,7 @@ from .checkpoint import sha256_file
 from .data import load_data
 from .device import check_device
 from .engine import Engine, PlanRecord, Progress
-from .errors import InputError
+from .errors import InputError, check_cancelled
 from .families import Layer, Merge, Tap
 from .limits import Limits
 from .modelcard import model_card
@@ -72,7 +72,7 @@ def fuse(
     spec = (spec or FusionSpec()).validate(len(model_dirs))
     out = Path(out)
     check_output_dir(out)
-    prepared = prepare(model_dirs, spec, data, progress, allow_pickle, limits)
+    prepared = prepare(model_dirs, spec, data, progress, allow_pickle, limits, should_cancel)
     return fuse_prepared(prepared, out, prepared.spec, progress, should_cancel, metrics)
 
 
@@ -83,6 +83,7 @@ def prepare(
     progress: ProgressCallback | None = None,
     allow_pickle: bool = False,
     limits: Limits | None = None,
+    should_cancel: Callable[[], bool] | None = None,
 ) -> Prepared:
     """Open and check the parents (sizes under `limits`, configs matching their tensors,
     before anything is allocated) and collect the activations `spec` needs (once)."""
@@ -90,9 +91,11 @@ def prepare(
     spec = (spec or FusionSpec()).validate(len(model_dirs))
     check_device(spec.device)
     report = progress or (lambda _p: None)
-    parents = [open_parent(i, path, allow_pickle) for i, path in enumerate(model_dirs)]
-    for parent in parents:
-        (limits or Limits()).check(parent)
+    parents = []
+    for i, path in enumerate(model_dirs):
+        check_cancelled(should_cancel)
+        parents.append(open_parent(i, path, allow_pickle))
+        (limits or Limits()).check(parents[-1])
     anchor = parents[spec.anchor]
     nodes = anchor.family.nodes(anchor.architecture, anchor.config_value("layers"))
     check_compatible([anchor, *[p for p in parents if p is not anchor]], [n for _, n in nodes])
@@ -103,7 +106,9 @@ def prepare(
             raise InputError(
                 f"alignment={spec.alignment}, residual={spec.residual} needs --data (activations)"
             )
-        activations = _activations(parents, anchor, [n for _, n in nodes], spec, data, report)
+        activations = _activations(
+            parents, anchor, [n for _, n in nodes], spec, data, report, should_cancel
+        )
     seconds = time.perf_counter() - started
     return Prepared(parents, nodes, spec, Path(data) if data else None, activations, seconds)
 
@@ -175,6 +180,7 @@ def _activations(
     spec: FusionSpec,
     data_file,
     report: ProgressCallback,
+    should_cancel: Callable[[], bool] | None = None,
 ):
     data = load_data(data_file, anchor.family)
     align_taps: list[Tap] = []
@@ -190,7 +196,15 @@ def _activations(
         wanted = merge_taps if parent is anchor or stream else []
         taps = list(dict.fromkeys(align_taps + [t for t in wanted if t is not None]))
         result[parent.index] = collect(
-            parent, taps, data, spec.samples, spec.max_tokens, spec.filter, spec.window, spec.device
+            parent,
+            taps,
+            data,
+            spec.samples,
+            spec.max_tokens,
+            spec.filter,
+            spec.window,
+            spec.device,
+            should_cancel,
         )
     return result
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .api import Prepared, ProgressCallback, fuse_prepared
 from .engine import Progress
-from .errors import IncompatibleModelsError
+from .errors import IncompatibleModelsError, check_cancelled
 from .evaluate import EvalSet, Scores, ensemble_scores, metrics_from_scores, model_scores
 from .metrics import ModelResult
 
@@ -26,9 +26,9 @@ def parents_and_ensemble(
     report = progress or (lambda _p: None)
     results, members = [], []
     for i, folder in enumerate(parent_dirs):
-        _check(should_cancel)
+        check_cancelled(should_cancel, "evaluation")
         report(Progress(i, len(parent_dirs) + 1, f"evaluating parent {i + 1}/{len(parent_dirs)}"))
-        scores: Scores = model_scores(folder, eval_set, device)
+        scores: Scores = model_scores(folder, eval_set, device, should_cancel=should_cancel)
         members.append(scores)
         results.append(
             ModelResult(
@@ -59,10 +59,3 @@ def vanilla_fusion(
     except IncompatibleModelsError as exc:
         return f"vanilla fusion needs models of equal shapes: {exc}"
     return None
-
-
-def _check(should_cancel: Callable[[], bool] | None) -> None:
-    from .errors import CancelledError
-
-    if should_cancel is not None and should_cancel():
-        raise CancelledError("cancelled")

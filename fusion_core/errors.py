@@ -26,3 +26,9 @@ class UnsupportedArchitectureError(InputError):
 
 class CancelledError(FusionError):
     """The caller asked to stop; nothing was written."""
+
+
+def check_cancelled(should_cancel, what: str = "fusion") -> None:
+    """Raise CancelledError when the caller's `should_cancel()` says stop (None: never)."""
+    if should_cancel is not None and should_cancel():
+        raise CancelledError(f"{what} cancelled; nothing was written")

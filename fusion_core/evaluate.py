@@ -15,7 +15,7 @@ import torch
 from .activations import load_live_model
 from .checkpoint import open_checkpoint
 from .data import LABELS, batches, load_data
-from .errors import InputError
+from .errors import InputError, check_cancelled
 from .families import resolve_family
 
 MLM_PROBABILITY = 0.15
@@ -88,8 +88,10 @@ def model_scores(
     eval_set: EvalSet,
     device: str = "cpu",
     batch_size: int = 64,
+    should_cancel=None,
 ) -> Scores:
-    """Run a model (live, or a checkpoint folder) over an EvalSet."""
+    """Run a model (live, or a checkpoint folder) over an EvalSet; `should_cancel` is asked
+    before every batch."""
     if not isinstance(model, torch.nn.Module):
         checkpoint = open_checkpoint(model)
         _, architecture = resolve_family(checkpoint.config, where=f"{model}: ")
@@ -100,6 +102,7 @@ def model_scores(
     try:
         with torch.no_grad():
             for batch in batches(eval_set.data, batch_size):
+                check_cancelled(should_cancel, "evaluation")
                 labels = batch.pop(LABELS).to(device)
                 logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
                 if eval_set.task == "masked-lm":

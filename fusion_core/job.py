@@ -26,7 +26,7 @@ from .api import FusionReport, ProgressCallback, prepare
 from .baselines import parents_and_ensemble, vanilla_fusion
 from .checkpoint import open_checkpoint
 from .engine import Progress
-from .errors import CancelledError, InputError
+from .errors import InputError, check_cancelled
 from .evaluate import EvalSet, load_eval_set, metrics_from_scores, model_scores, task_of
 from .families import resolve_family
 from .finetune import FinetuneConfig, finetune
@@ -128,7 +128,7 @@ def fuse_job(
     try:
         # 1. fuse once per point, keep the best on calibration data
         enter("aligning")
-        prepared = prepare(model_dirs, spec, data, say, allow_pickle, limits)
+        prepared = prepare(model_dirs, spec, data, say, allow_pickle, limits, cancelled)
         keep_plans = save_maps or report
         swept = run_sweep(
             prepared,
@@ -161,7 +161,11 @@ def fuse_job(
             evaluation = parents_and_ensemble(model_dirs, eval_set, spec.device, say, cancelled)
             if vanilla_dir is not None:
                 evaluation.append(
-                    ModelResult("vanilla", "vanilla", _metrics(vanilla_dir, eval_set, spec.device))
+                    ModelResult(
+                        "vanilla",
+                        "vanilla",
+                        _metrics(vanilla_dir, eval_set, spec.device, cancelled),
+                    )
                 )
             else:
                 evaluation.append(ModelResult("vanilla", "vanilla", skipped=vanilla_reason))
@@ -198,7 +202,7 @@ def fuse_job(
                 run = result.run
                 run.before = before
                 if eval_set is not None:
-                    run.after = _metrics(target, eval_set, spec.device)
+                    run.after = _metrics(target, eval_set, spec.device, cancelled)
                     evaluation.append(
                         ModelResult(f"{name}+finetune", f"{name}+finetune", run.after)
                     )
@@ -280,13 +284,13 @@ def fuse_job(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _metrics(folder: Path, eval_set: EvalSet, device: str) -> dict[str, float]:
-    return metrics_from_scores(model_scores(folder, eval_set, device), eval_set.task)
+def _metrics(folder: Path, eval_set: EvalSet, device: str, cancelled=None) -> dict[str, float]:
+    scores = model_scores(folder, eval_set, device, should_cancel=cancelled)
+    return metrics_from_scores(scores, eval_set.task)
 
 
 def _check(cancelled: Callable[[], bool]) -> None:
-    if cancelled():
-        raise CancelledError("fusion job cancelled; nothing was written")
+    check_cancelled(cancelled, "fusion job")
 
 
 def _str(path) -> str | None:

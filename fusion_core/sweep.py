@@ -117,7 +117,7 @@ def run_sweep(
             f"{calib.path}: the calibration data must not be the eval data "
             "(the sweep would choose on the numbers it reports)"
         )
-    scorer = score or (lambda folder, data: _score(folder, data, device))
+    scorer = score or (lambda folder, data: _score(folder, data, device, should_cancel))
     report = progress or (lambda _p: None)
     results: list[SweepPoint] = []
     best: tuple[tuple[float, ...], int, Path, FusionReport] | None = None
@@ -151,8 +151,10 @@ def run_sweep(
     return SweepResult(results, best[1], best[2], best[3])
 
 
-def _score(folder: Path, data: EvalSet, device: str) -> dict[str, float]:
-    return metrics_from_scores(model_scores(folder, data, device), data.task)
+def _score(folder: Path, data: EvalSet, device: str, cancelled=None) -> dict[str, float]:
+    return metrics_from_scores(
+        model_scores(folder, data, device, should_cancel=cancelled), data.task
+    )
 
 
 def _same_file(a: Path, b: Path) -> bool:

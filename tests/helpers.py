@@ -41,8 +41,12 @@ def start_celery_worker(env: dict, log: Path, app: str = "held_worker") -> subpr
     command += ["--without-gossip", "--without-mingle"]
     with log.open("a") as out:
         proc = subprocess.Popen(command, cwd=REPO, env=worker_env, stdout=out, stderr=out)
-    wait_for(lambda: " ready." in log.read_text() or proc.poll() is not None, 120, "worker")
-    assert proc.poll() is None, log.read_text()[-3000:]
+    try:
+        wait_for(lambda: " ready." in log.read_text() or proc.poll() is not None, 120, "worker")
+        assert proc.poll() is None, log.read_text()[-3000:]
+    except BaseException:
+        stop_process(proc)
+        raise
     return proc
 
 
@@ -145,7 +149,11 @@ def start_server(env: dict, port: int, log: Path) -> subprocess.Popen:
         except httpx.HTTPError:
             return False
 
-    wait_for(up, 90, "otfuse serve")
+    try:
+        wait_for(up, 90, "otfuse serve")
+    except BaseException:
+        stop_process(proc)
+        raise
     return proc
 
 

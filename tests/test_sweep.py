@@ -62,7 +62,9 @@ def test_planted_best_is_chosen_on_calibration_not_eval(pair, tmp_path, monkeypa
         return real_collect(parent, *args, **kwargs)
 
     monkeypatch.setattr(
-        fusion_core.sweep, "_score", lambda folder, data, device: score(folder, data)
+        fusion_core.sweep,
+        "_score",
+        lambda folder, data, device, cancelled=None: score(folder, data),
     )
     monkeypatch.setattr(fusion_core.api, "collect", counting_collect)
     out = tmp_path / "out"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import threading
 
@@ -13,6 +15,7 @@ from .pipeline import DEFER_SECONDS, run_job
 from .recovery import Reaper
 
 log = logging.getLogger("otfuse.worker")
+WORKER_NICENESS = 10
 
 
 class EmbeddedQueue(Queue):
@@ -44,6 +47,10 @@ class EmbeddedQueue(Queue):
         self._reaper.start()
 
     def _work(self) -> None:
+        # Below the API's priority (Linux: per thread; torch's compute threads started from
+        # here inherit it), so polls stay answered while a job saturates the CPUs.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
         while True:
             job_id = self._queue.get()
             if job_id is None or self._stopping.is_set():
