@@ -15,7 +15,7 @@ from . import __version__
 from .activations import collect
 from .checkpoint import sha256_file
 from .data import load_data
-from .engine import Engine, PlanRecord, Progress
+from .engine import Engine, PlanRecord, Progress, check_attention_policy
 from .errors import InputError
 from .families import Layer, Merge, Tap
 from .modelcard import model_card
@@ -88,6 +88,7 @@ def prepare(
     anchor = parents[spec.anchor]
     nodes = anchor.family.nodes(anchor.architecture, anchor.config_value("layers"))
     check_compatible([anchor, *[p for p in parents if p is not anchor]], [n for _, n in nodes])
+    check_attention_policy([n for _, n in nodes], spec, anchor)
 
     activations = None
     if spec.needs_activations:
@@ -132,6 +133,11 @@ def fuse_prepared(
     result = engine.run()
     seconds = time.perf_counter() - started + prepared.seconds
     record = fusion_record(parents, anchor, spec, prepared.data, seconds, result.plans, metrics)
+    record["dtypes"] = {
+        "parents": [", ".join(result.dtypes[p.index]) for p in parents],
+        "compute": "float32",
+        "written": ", ".join(result.dtypes[anchor.index]),
+    }
     write_checkpoint(out, anchor, result.tensors, record, model_card(record))
     maps = _record_plans(engine) if keep_plans else None
     return FusionReport(out, spec, [str(p.path) for p in parents], seconds, result.plans, maps)
