@@ -174,3 +174,62 @@ def test_shared_stream_keeps_an_aligned_model_s_function(tmp_path, make, alignme
     )
     fuse(folders, out, spec, data=data)
     assert_same_function(outputs(load_fused(out), data), outputs(other, data))
+
+
+def _inside_heads(state: dict, key: str, heads: int, head_dim: int, inside: torch.Tensor, axis=0):
+    """Permute the dimensions inside every head of a projection's output axis alike."""
+    order = (torch.arange(heads)[:, None] * head_dim + inside).flatten()
+    state[key] = state[key].index_select(axis, order)
+
+
+def test_permuting_qk_dims_inside_a_rotary_head_changes_the_function(tmp_path):
+    """Why rotary Q/K heads move only whole: the same permutation of the dimensions inside
+    every query and key head keeps q.k without rotary embeddings (GPT-2) and breaks it with
+    them (Llama)."""
+    data = lm_data(tmp_path / "data.safetensors")
+    inside = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6])  # swaps within pairs, never i <-> i + d/2
+    llama = tiny_decoder(heads=2, kv_heads=2, hidden=16, seed=3)  # head_dim 8
+    state = {k: v.clone() for k, v in llama.state_dict().items()}
+    for i in range(2):
+        for name in ("q_proj", "k_proj"):
+            _inside_heads(state, f"model.layers.{i}.self_attn.{name}.weight", 2, 8, inside)
+    rotated = type(llama)(llama.config).eval()
+    rotated.load_state_dict(state)
+    relative = (outputs(rotated, data) - outputs(llama, data)).norm() / outputs(llama, data).norm()
+    assert relative > 0.05, float(relative)
+
+    gpt2 = tiny("GPT2LMHeadModel", heads=2, hidden=16, seed=3)
+    state = {k: v.clone() for k, v in gpt2.state_dict().items()}
+    for i in range(2):
+        for part in (0, 1):  # Q and K, the first two thirds of c_attn's output axis
+            key, order = f"transformer.h.{i}.attn.c_attn", torch.arange(48)
+            order[part * 16 : (part + 1) * 16] = part * 16 + torch.cat([inside, 8 + inside])
+            state[f"{key}.weight"] = state[f"{key}.weight"][:, order]
+            state[f"{key}.bias"] = state[f"{key}.bias"][order]
+    same = type(gpt2)(gpt2.config).eval()
+    same.load_state_dict(state)
+    assert_same_function(outputs(same, data), outputs(gpt2, data), 1e-5)
+
+
+@pytest.mark.parametrize(
+    "alignment,copy_dtype", [("weights", torch.bfloat16), ("activations", torch.float32)]
+)
+def test_bf16_parents_fuse_back_exactly_and_stay_bf16(tmp_path, alignment, copy_dtype):
+    """A bf16 anchor and a bf16 or fp32 permuted copy of it (same values): computed in fp32,
+    written in the anchor's bf16, bit for bit the original."""
+    original = tiny_decoder(seed=3).to(torch.bfloat16)
+    copy = permuted_copy(original, 7).to(copy_dtype)
+    folders = [save(original, tmp_path / "a"), save(copy, tmp_path / "b")]
+    data = lm_data(tmp_path / "data.safetensors")
+    out = tmp_path / "fused"
+    fuse(folders, out, FusionSpec(device=DEVICE, solver="emd", alignment=alignment), data=data)
+    fused = load_file(str(out / "model.safetensors"))
+    for key, tensor in load_file(str(folders[0] / "model.safetensors")).items():
+        assert fused[key].dtype == torch.bfloat16, key
+        assert torch.equal(fused[key], tensor), key  # a permutation of bf16 values, undone
+    record = json.loads((out / "fusion.json").read_text())
+    assert record["dtypes"] == {
+        "parents": ["bfloat16", str(copy_dtype).removeprefix("torch.")],
+        "compute": "float32",
+        "written": "bfloat16",
+    }
