@@ -26,9 +26,15 @@ from .checkpoint import open_checkpoint
 from .data import LABELS, load_data
 from .engine import Progress
 from .errors import CancelledError, InputError
-from .evaluate import IGNORE, _mask_token_id, mask_tokens, task_of
+from .evaluate import (
+    language_model_labels,
+    mask_token_id,
+    mask_tokens,
+    task_of,
+    token_loss,
+)
 from .families import resolve_family
-from .metrics import FinetuneRun
+from .metrics import LANGUAGE_MODELING, FinetuneRun
 from .writer import ANCHOR_SIDE_FILES, check_output_dir
 
 MAX_CURVE_POINTS = 500
@@ -93,7 +99,8 @@ def finetune(
     should_cancel: Callable[[], bool] | None = None,
 ) -> FinetuneResult:
     """Finetune the checkpoint at `model_dir` on `data_file` (labels for classifiers; MLM
-    data without labels is masked afresh each step) and write it to `out` atomically."""
+    data without labels is masked afresh each step; a causal LM learns its next tokens, the
+    inputs unless labels say otherwise) and write it to `out` atomically."""
     config = (config or FinetuneConfig()).validate()
     out = Path(out)
     check_output_dir(out)
@@ -107,8 +114,10 @@ def finetune(
     if task == "classification" and LABELS not in data:
         raise InputError(f"{data_file}: finetuning a classifier needs 'labels'; none found")
     mask_id = None
-    if task == "masked-lm" and LABELS not in data:
-        mask_id = checkpoint.config.get("mask_token_id") or _mask_token_id(model_dir)
+    if task == "masked-lm" and LABELS not in data:  # masked afresh each step
+        mask_id = mask_token_id(model_dir, checkpoint.config)
+    elif task in LANGUAGE_MODELING:
+        data = language_model_labels(data, task, model_dir, checkpoint.config, data_file)
 
     device = torch.device(config.device or "cpu")
     model = load_live_model(model_dir, architecture, str(device))
@@ -170,7 +179,7 @@ def finetune(
         labels = batch.pop(LABELS).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        loss = _loss(logits.float(), labels, task)
+        loss = token_loss(logits.float(), labels, task)
         if not torch.isfinite(loss):
             raise InputError(f"finetune of the {name} model diverged at step {step} (loss {loss})")
         optimizer.zero_grad(set_to_none=True)
@@ -204,14 +213,6 @@ def finetune(
 
 def _epoch_steps(epochs: float | None, per_epoch: int) -> int | None:
     return max(1, math.ceil(epochs * per_epoch)) if epochs else None
-
-
-def _loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    if task == "masked-lm":
-        return torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE
-        )
-    return torch.nn.functional.cross_entropy(logits, labels)
 
 
 def _thin(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:
