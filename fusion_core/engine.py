@@ -1,10 +1,13 @@
 """The one fusion engine: walks a family's TM flow graph and fuses tensor by tensor.
 
 For every non-anchor model it keeps a plan per space (n_model, n_anchor). At a `Layer` it
-maps the tensors' input axes with the plans already known (W T_in), computes the layer's own
-plan by OT when the layer defines a space, aligns the output axes (T_out^T W), and averages
-with the anchor. At a `Merge` it combines two plans by the residual policy. Tensors are read
-from disk one layer at a time and each fused tensor is produced once.
+maps the tensors' input axes with the plans already known (W T_in), computes the plans of the
+spaces the layer defines by OT, aligns the output axes (T_out^T W), and averages with the
+anchor. Spaces an `Attention` node names are solved together when the first of them is
+reached (one head matching for Q, K and V; see heads.py), and the space the output
+projection reads gets its plan from theirs. At a `Merge` it combines two plans by the
+residual policy. Tensors are read from disk one layer at a time, in float32 on the job's
+device, and each fused tensor is produced once, in the anchor's dtype.
 """
 
 from __future__ import annotations

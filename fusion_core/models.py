@@ -37,11 +37,11 @@ class ParentModel:
 
     @property
     def kv_heads(self) -> int:
-        """Key/value heads: fewer than the query heads under grouped-query attention."""
-        if self.family.config_keys.get("kv_heads") in self.checkpoint.config:
-            value = self.checkpoint.config[self.family.config_keys["kv_heads"]]
-            if value is not None:
-                return self.config_value("kv_heads")
+        """Key/value heads: fewer than the query heads under grouped-query attention (a
+        config without the key, or with null, has as many as query heads)."""
+        key = self.family.config_keys.get("kv_heads")
+        if key is not None and self.checkpoint.config.get(key) is not None:
+            return self.config_value("kv_heads")
         return self.config_value("heads")
 
     @property

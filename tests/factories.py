@@ -240,6 +240,36 @@ def _permute_decoder(state: _State, config, gen: torch.Generator) -> None:
     state.linear("lm_head", inp=res, base=False)
 
 
+def widened_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A Llama computing the same function at twice the hidden and MLP widths: every
+    residual and MLP neuron duplicated (RMSNorm's mean square does not change), and weights
+    reading a duplicated axis halved. Heads and head_dim stay."""
+    config = model.config.to_dict()
+    config.update(hidden_size=2 * model.config.hidden_size)
+    config.update(intermediate_size=2 * model.config.intermediate_size)
+    wide = type(model)(type(model.config).from_dict(config)).eval()
+
+    def twice(tensor, *axes, reads=None):
+        for axis in axes:
+            tensor = tensor.repeat_interleave(2, dim=axis)
+        return tensor / 2 if reads is not None else tensor
+
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key.endswith(("norm.weight", "o_proj.weight", "o_proj.bias", "down_proj.bias")):
+            state[key] = twice(tensor, 0)  # writes into the stream
+        elif "embed_tokens" in key:
+            state[key] = twice(tensor, 1)
+        elif key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "lm_head.weight")):
+            state[key] = twice(tensor, 1, reads=1)
+        elif key.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")):
+            state[key] = twice(tensor, 0, 1, reads=1)  # MLP neurons and stream, both doubled
+        else:
+            state[key] = tensor
+    wide.load_state_dict(state)
+    return wide
+
+
 def _permute_gpt2(state: _State, config, gen: torch.Generator) -> None:
     hidden, heads = config.n_embd, config.n_head
     head_dim = hidden // heads

@@ -5,7 +5,17 @@ import json
 import pytest
 import torch
 import transformers
-from factories import DEVICE, image_data, save, text_data, tiny, tiny_bert, tiny_decoder, tiny_vit
+from factories import (
+    DEVICE,
+    image_data,
+    save,
+    text_data,
+    tiny,
+    tiny_bert,
+    tiny_decoder,
+    tiny_vit,
+    widened_copy,
+)
 from safetensors.torch import load_file
 
 from fusion_core import FusionSpec, fuse
@@ -87,3 +97,25 @@ def test_decoder_of_other_widths_fuses_into_the_anchor_shapes(
         assert tensor.shape == anchor.state_dict()[key].shape, key
     batch = load_file(str(data))
     assert bool(torch.isfinite(fused(**batch).logits).all())
+
+
+@pytest.mark.parametrize("residual", ["shared", "average"])
+def test_a_neuron_duplicated_wide_llama_fuses_into_the_narrow_function(tmp_path, residual):
+    """By function, not only by shape: a wide model that is a neuron-duplicated copy of the
+    narrow anchor (hidden 32 <- 16, MLP 64 <- 32) computes the anchor's function, and so
+    must their fusion: each anchor neuron averages its two copies (outputs), and each copy is
+    reconstructed from it (inputs), with no 2x scaling anywhere."""
+    narrow = tiny_decoder(hidden=16, intermediate=32, head_dim=4, seed=1)
+    wide = widened_copy(narrow)
+    data = text_data(tmp_path / "d.safetensors", labels=False)
+    batch = load_file(str(data))
+    with torch.no_grad():
+        expected = narrow(**batch).logits
+        torch.testing.assert_close(wide(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+    folders = [save(narrow, tmp_path / "narrow"), save(wide, tmp_path / "wide")]
+    spec = FusionSpec(device=DEVICE, solver="emd", alignment="activations", residual=residual)
+    fuse(folders, tmp_path / "fused", spec, data=data)
+    fused = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "fused")).eval()
+    with torch.no_grad():
+        got = fused(**batch).logits
+    assert float((got - expected).norm() / expected.norm()) < 1e-4

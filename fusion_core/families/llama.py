@@ -19,6 +19,7 @@ LLAMA = Family(
     layer=decoder_block(),
     final=(rms_norm("norm", "res.{i}"),),
     heads={"lm": lm_head("embed_tokens.weight")},
+    buffers=("layers.{i}.self_attn.rotary_emb.inv_freq",),  # stored by early conversions
     inputs=("input_ids", "attention_mask"),
     config_keys={
         "layers": "num_hidden_layers",
