@@ -56,6 +56,8 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.T
         logits, labels = next_token(logits, labels)
     if task in LANGUAGE_MODELING:
         logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    if not bool((labels != IGNORE).any()):  # a batch of padding only: nothing to learn
+        return logits.sum() * 0
     return torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE)
 
 

@@ -3,8 +3,9 @@
 AdamW with linear warmup then cosine decay to zero. The budget is steps, epochs or seconds,
 whichever runs out first; the schedule follows the budget's progress
 t = max(step / planned steps, elapsed / seconds), so a time budget gets a full schedule too.
-bf16 autocast on CUDA only (CPU runs in fp32). The result is written atomically as an HF
-folder; a cancelled or failed finetune writes nothing.
+Weights train in fp32 whatever the checkpoint's dtype, with bf16 autocast on CUDA only (CPU
+runs in fp32), and are written back in the checkpoint's dtype. The result is written
+atomically as an HF folder; a cancelled or failed finetune writes nothing.
 """
 
 from __future__ import annotations
@@ -121,7 +122,10 @@ def finetune(
 
     device = torch.device(config.device or "cpu")
     model = load_live_model(model_dir, architecture, str(device))
-    model.train()
+    # fp32 master weights whatever the checkpoint stores (AdamW's small updates vanish in
+    # bf16/fp16); the result is written back in the stored dtype
+    stored_dtype = model.dtype
+    model.float().train()
     count = next(iter(data.values())).shape[0]
     batch_size = min(config.batch_size, count)
     per_epoch = math.ceil(count / batch_size)
@@ -207,7 +211,7 @@ def finetune(
     )
     if cancelled():
         raise CancelledError(f"finetune of the {name} model cancelled")
-    _write(model, model_dir, out, run, config)
+    _write(model.to(dtype=stored_dtype), model_dir, out, run, config)
     return FinetuneResult(out, run, losses)
 
 
