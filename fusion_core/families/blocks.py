@@ -137,21 +137,21 @@ def text_embeddings(tables: tuple[str, ...], tap: Tap, layer_norm: str | None = 
     return (*nodes, norm(layer_norm, "res.0")) if layer_norm else nodes
 
 
-def mlm_head(transform: str, layer_norm: str, decoder: str, bias: str, embeddings: str) -> Nodes:
+def mlm_head(
+    transform: str, layer_norm: str, decoder: str, embeddings: str, bias: str | None = None
+) -> Nodes:
     """Transform, LayerNorm and a decoder tied to the word embeddings. The transform writes
-    into the embedding space (res.0), which the tied decoder reads. `bias` is the vocabulary
-    bias the decoder's own bias (when stored) repeats."""
-    head_bias = (Param(bias, (None,)),) if bias != f"{decoder}.bias" else ()
+    into the embedding space (res.0), which the tied decoder reads. The vocabulary bias is
+    the decoder's own (DistilBERT) or a head-level `bias` that a stored decoder bias repeats
+    (BERT's `cls.predictions.bias`, RoBERTa's `lm_head.bias`)."""
+    if bias is None:
+        biases = (Param(f"{decoder}.bias", (None,)),)
+    else:
+        biases = (Param(bias, (None,)), Param(f"{decoder}.bias", (None,), True, bias))
     return (
         linear(transform, ("out", "res.0"), ("in", "res.{i}")),
         norm(layer_norm, "res.0"),
-        Layer(
-            (
-                *head_bias,
-                Param(f"{decoder}.weight", (None, ("in", "res.0")), True, embeddings),
-                Param(f"{decoder}.bias", (None,), bool(head_bias), bias if head_bias else None),
-            )
-        ),
+        Layer((Param(f"{decoder}.weight", (None, ("in", "res.0")), True, embeddings), *biases)),
     )
 
 

@@ -41,7 +41,6 @@ DISTILBERT = Family(
             "vocab_transform",
             "vocab_layer_norm",
             "vocab_projector",
-            "vocab_projector.bias",
             "embeddings.word_embeddings.weight",
         ),
     },

@@ -31,8 +31,8 @@ ROBERTA = replace(
             "lm_head.dense",
             "lm_head.layer_norm",
             "lm_head.decoder",
-            "lm_head.bias",
             "embeddings.word_embeddings.weight",
+            bias="lm_head.bias",
         ),
     },
 )
