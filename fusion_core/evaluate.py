@@ -84,7 +84,8 @@ def language_model_labels(data: dict, task: str, model_dir: Path, config: dict, 
 
 @dataclass
 class EvalSet:
-    """A data file ready to score: inputs plus labels (seeded masks for MLM without labels)."""
+    """A data file ready to score: inputs plus labels (seeded masks for MLM without labels,
+    the inputs themselves for a causal LM without labels)."""
 
     task: str  # "classification" | "masked-lm" | "causal-lm"
     data: dict[str, torch.Tensor]
