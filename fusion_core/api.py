@@ -16,7 +16,7 @@ from .activations import collect
 from .checkpoint import sha256_file
 from .data import load_data
 from .device import check_device
-from .engine import Engine, PlanRecord, Progress
+from .engine import Engine, EngineResult, PlanRecord, Progress, check_attention_policy
 from .errors import InputError, check_cancelled
 from .families import Layer, Merge, Tap
 from .limits import Limits
@@ -99,6 +99,7 @@ def prepare(
     anchor = parents[spec.anchor]
     nodes = anchor.family.nodes(anchor.architecture, anchor.config_value("layers"))
     check_compatible([anchor, *[p for p in parents if p is not anchor]], [n for _, n in nodes])
+    check_attention_policy([n for _, n in nodes], spec, anchor)
 
     activations = None
     if spec.needs_activations:
@@ -144,7 +145,7 @@ def fuse_prepared(
     )
     result = engine.run()
     seconds = time.perf_counter() - started + prepared.seconds
-    record = fusion_record(parents, anchor, spec, prepared.data, seconds, result.plans, metrics)
+    record = fusion_record(parents, anchor, spec, prepared.data, seconds, result, metrics)
     write_checkpoint(out, anchor, result.tensors, record, model_card(record))
     maps = _record_plans(engine) if keep_plans else None
     return FusionReport(out, spec, [str(p.path) for p in parents], seconds, result.plans, maps)
@@ -209,7 +210,7 @@ def _activations(
     return result
 
 
-def fusion_record(parents, anchor, spec, data, seconds, plans, metrics) -> dict:
+def fusion_record(parents, anchor, spec, data, seconds, result: EngineResult, metrics) -> dict:
     """The machine-readable recipe written as fusion.json."""
     import ot
     import safetensors
@@ -228,7 +229,14 @@ def fusion_record(parents, anchor, spec, data, seconds, plans, metrics) -> dict:
         "spec": spec.to_dict(),
         "data": {"path": str(data), "sha256": sha256_file(Path(data))} if data else None,
         "seconds": round(seconds, 3),
-        "plans": [asdict(p) for p in plans],
+        "plans": [asdict(p) for p in result.plans],
+        # stored dtypes read per parent; every tensor is fused in float32 and written in the
+        # anchor's dtype
+        "dtypes": {
+            "parents": [", ".join(result.dtypes[p.index]) for p in parents],
+            "compute": "float32",
+            "written": ", ".join(result.dtypes[anchor.index]),
+        },
         "metrics": metrics,
         "versions": {
             "python": platform.python_version(),

@@ -1,10 +1,13 @@
 """The one fusion engine: walks a family's TM flow graph and fuses tensor by tensor.
 
 For every non-anchor model it keeps a plan per space (n_model, n_anchor). At a `Layer` it
-maps the tensors' input axes with the plans already known (W T_in), computes the layer's own
-plan by OT when the layer defines a space, aligns the output axes (T_out^T W), and averages
-with the anchor. At a `Merge` it combines two plans by the residual policy. Tensors are read
-from disk one layer at a time and each fused tensor is produced once.
+maps the tensors' input axes with the plans already known (W T_in), computes the plans of the
+spaces the layer defines by OT, aligns the output axes (T_out^T W), and averages with the
+anchor. Spaces an `Attention` node names are solved together when the first of them is
+reached (one head matching for Q, K and V; see heads.py), and the space the output
+projection reads gets its plan from theirs. At a `Merge` it combines two plans by the
+residual policy. Tensors are read from disk one layer at a time, in float32 on the job's
+device, and each fused tensor is produced once, in the anchor's dtype.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import solvers
 from .cost import block_cost, neuron_rows, pairwise_cost
-from .errors import CancelledError, IncompatibleModelsError
-from .families import Layer, Merge, Node, Param, Tap
-from .heads import head_matched_plans
+from .errors import CancelledError, IncompatibleModelsError, InputError
+from .families import Attention, Layer, Merge, Node, Param, Tap, axis_spaces
+from .heads import HeadSet, head_matched_plans, output_plan
 from .models import ParentModel
 from .spec import FusionSpec
 from .transport import (
@@ -52,13 +56,38 @@ class PlanRecord:
 
 @dataclass
 class EngineResult:
-    tensors: dict[str, torch.Tensor]  # canonical name -> fused tensor (CPU)
+    tensors: dict[str, torch.Tensor]  # canonical name -> fused tensor (CPU, anchor's dtype)
     plans: list[PlanRecord] = field(default_factory=list)
+    dtypes: dict[int, list[str]] = field(default_factory=dict)  # model -> stored dtypes read
 
 
 STREAM_REFINEMENTS = 2  # weights-based shared stream: re-solve it after the inner plans
 
 Activations = dict[int, dict[Tap, torch.Tensor]]  # model index -> tap -> (tokens, n)
+# The layer being fused and its loaded tensors (model's, anchor's): reused for its features.
+Current = tuple[Layer, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None
+
+
+def check_attention_policy(nodes: list[Node], spec: FusionSpec, anchor: ParentModel) -> None:
+    """What a family's attention forbids, as one-line errors before any work is done."""
+    attention = next((n for n in nodes if isinstance(n, Attention)), None)
+    if attention is None or spec.method == "vanilla":
+        return
+    name = anchor.family.name
+    if attention.rotary and spec.heads == "cross":
+        raise InputError(
+            f"{name} uses rotary embeddings: --heads cross would move dimensions between "
+            "heads, which breaks them; use --heads matched",
+            field="heads",
+        )
+    if attention.rotary and spec.qk == "free":
+        raise InputError(
+            f"{name} uses rotary embeddings: --qk free would align query and key dimensions "
+            "inside heads, which breaks them (Q and K heads move whole); use --qk tied",
+            field="qk",
+        )
+    if anchor.kv_heads != anchor.config_value("heads") and not attention.rotary:
+        raise InputError(f"{name}: grouped-query attention without rotary embeddings")
 
 
 class Engine:
@@ -86,33 +115,21 @@ class Engine:
         self.weight = {p.index: weights[i] for i, p in enumerate(parents)}
         self.plans: dict[int, dict[str, torch.Tensor]] = {p.index: {} for p in self.others}
         self.records: list[PlanRecord] = []
-        self.groups = self._solve_groups()
+        self.dtypes: dict[int, dict[str, torch.dtype]] = {p.index: {} for p in parents}
+        layers = [node for node in self.nodes if isinstance(node, Layer)]
+        self.definer = {space: layer for layer in layers for space in layer.spaces}
+        self.attention = {
+            space: node
+            for node in self.nodes
+            if isinstance(node, Attention)
+            for space in (node.query, node.key, node.value)
+        }
+        if self.attention:
+            self.heads, self.groups = self.anchor.config_value("heads"), self.anchor.kv_heads
+            check_attention_policy(self.nodes, spec, self.anchor)
         self._maps: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         shared = spec.residual == "shared" and spec.method == "ot"  # vanilla: no plans to share
         self.stream = self._stream_spaces() if shared else set()
-
-    def _solve_groups(self) -> dict[str, list[list[Layer]]]:
-        """Layers whose plans are solved together, as sets of layers sharing one plan: tied
-        query/key share a plan; with matched heads, a block's Q, K and V share the head
-        matching. Keyed by every member's space."""
-        groups: dict[str, list[list[Layer]]] = {}
-        by_block: dict[str, list[Layer]] = {}
-        for block, node in zip(self.blocks, self.nodes, strict=True):
-            if isinstance(node, Layer) and node.defines and (node.heads or node.qk):
-                by_block.setdefault(block, []).append(node)
-        for layers in by_block.values():
-            sets: dict[str, list[Layer]] = {}
-            for layer in layers:
-                key = layer.qk if layer.qk and self.spec.qk == "tied" else layer.defines
-                sets.setdefault(key, []).append(layer)
-            if self.spec.heads == "matched":
-                for layer in layers:
-                    groups[layer.defines] = list(sets.values())
-            else:
-                for members in sets.values():
-                    for layer in members:
-                        groups[layer.defines] = [members]
-        return groups
 
     # -- the walk ----------------------------------------------------------------------------
     def run(self) -> EngineResult:
@@ -139,23 +156,28 @@ class Engine:
                 previous = block
             if isinstance(node, Merge):
                 self._merge(node)
-            else:
+            elif isinstance(node, Layer):
                 fused.update(self._layer(node, emit))
         if not emit:
             del self.records[first_record:]  # a refinement pass: only the final plans count
             return EngineResult({}, [])
         self.progress(Progress(len(order), len(order), "aligned"))
-        for node in self.nodes:  # tied copies (MLM decoder) repeat their fused source
+        for node in self.nodes:  # tied copies (LM heads) repeat their fused source
             if isinstance(node, Layer):
                 for param in node.params:
-                    if param.tied_to and self.anchor.has(param.name):
+                    if self.anchor.is_tied(param) and self.anchor.has(param.name):
                         fused[param.name] = fused[param.tied_to]
-        return EngineResult(fused, self.records)
+        dtypes = {
+            index: sorted({str(d).removeprefix("torch.") for d in seen.values()})
+            for index, seen in self.dtypes.items()
+        }
+        return EngineResult(fused, self.records, dtypes)
 
     def _layer(self, node: Layer, emit: bool = True) -> dict[str, torch.Tensor]:
-        if not emit and not (node.defines and node.defines not in self.stream):
+        spaces = node.spaces
+        if not emit and all(space in self.stream for space in spaces):
             return {}
-        params = [p for p in node.params if self.anchor.has(p.name) and not p.tied_to]
+        params = [p for p in node.params if self.anchor.has(p.name) and not self.anchor.is_tied(p)]
         anchor_tensors = {p.name: self._load(self.anchor, p.name) for p in params}
         total = {n: t * self.weight[self.anchor.index] for n, t in anchor_tensors.items()}
         for model in self.others:
@@ -163,15 +185,17 @@ class Engine:
             # Input axes, and output axes of spaces defined earlier, are mapped first: that
             # is what makes the layer's rows comparable with the anchor's (W T_in).
             for p in params:
-                tensors[p.name] = self._align(model, p, tensors[p.name], skip=(node.defines,))
-            if node.defines:
-                plan = self._plan(model, node, params, tensors, anchor_tensors)
-                self.plans[model.index][node.defines] = plan
+                tensors[p.name] = self._align(model, p, tensors[p.name], skip=spaces)
+            if spaces:
+                current = (node, tensors, anchor_tensors)
+                for space in spaces:
+                    self._plan(model, space, current)
                 for p in params:
-                    tensors[p.name] = self._align(model, p, tensors[p.name], only=(node.defines,))
+                    tensors[p.name] = self._align(model, p, tensors[p.name], only=spaces)
             for name, tensor in tensors.items():
                 total[name] = total[name] + tensor * self.weight[model.index]
-        return {name: t.to("cpu", anchor_tensors[name].dtype) for name, t in total.items()}
+        dtypes = self.dtypes[self.anchor.index]  # written in the anchor's dtypes
+        return {name: t.to("cpu", dtypes[name]) for name, t in total.items()}
 
     def _merge(self, node: Merge) -> None:
         if node.defines in self.stream:
@@ -183,7 +207,10 @@ class Engine:
 
     # -- pieces --------------------------------------------------------------------------------
     def _load(self, model: ParentModel, name: str) -> torch.Tensor:
-        return model.tensor(name).to(self.device, torch.float32)
+        """A tensor in float32 on the job's device, whatever its stored dtype (recorded)."""
+        tensor = model.tensor(name)
+        self.dtypes[model.index][name] = tensor.dtype
+        return tensor.to(self.device, torch.float32)
 
     def _align(
         self,
@@ -193,13 +220,24 @@ class Engine:
         skip: Container[str] = (),
         only: Container[str] | None = None,
     ) -> torch.Tensor:
+        plans = self.plans[model.index]
         for axis, tag in enumerate(param.axes):
-            if tag is None:
+            spaces = axis_spaces(tag)
+            todo = [s for s in spaces if s not in skip and (only is None or s in only)]
+            if not todo:
                 continue
-            role, space = tag
-            if space in skip or (only is not None and space not in only):
+            role = tag[0]
+            if len(spaces) == 1:
+                tensor = apply_on_axis(tensor, axis, self._map(plans[spaces[0]], role))
                 continue
-            tensor = apply_on_axis(tensor, axis, self._map(self.plans[model.index][space], role))
+            parts = _parts(tensor, axis, len(spaces))  # a fused axis: each part its own map
+            tensor = torch.cat(
+                [
+                    apply_on_axis(part, axis, self._map(plans[s], role)) if s in todo else part
+                    for s, part in zip(spaces, parts, strict=True)
+                ],
+                axis,
+            )
         return tensor
 
     def _map(self, plan: torch.Tensor, role: str) -> torch.Tensor:
@@ -215,93 +253,115 @@ class Engine:
             self._maps[key] = (plan, mapped)  # holding the plan keeps its id unique
         return self._maps[key][1]
 
-    def _plan(
-        self,
-        model: ParentModel,
-        node: Layer,
-        params: list[Param],
-        tensors: dict[str, torch.Tensor],
-        anchor_tensors: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
-        known = self.plans[model.index].get(node.defines)  # the stream's, or solved in a group
-        if known is not None:  # solved together with an earlier layer of its group
-            return known
-        if self.spec.method == "vanilla":
-            n_model = self._width(model, node, params)
-            n_anchor = self._width(self.anchor, node, params)
-            if n_model != n_anchor:
-                raise IncompatibleModelsError(
-                    f"{model.label}: vanilla fusion needs equal widths, space {node.defines} "
-                    f"has {n_model} vs {n_anchor} in the anchor"
-                )
-            return identity_plan(n_anchor, self.device)
-        group = self.groups.get(node.defines, [[node]])
-        feature_sets = []
-        for members in group:
-            model_rows, anchor_rows = [], []
-            for member in members:
-                if member is node:
-                    m_feat, a_feat = self._features(model, member, params, tensors, anchor_tensors)
-                else:  # a layer solved with this one (tied key, or its attention's heads)
-                    m_params = [p for p in member.params if self.anchor.has(p.name)]
-                    m_tensors = {
-                        p.name: self._align(
-                            model, p, self._load(model, p.name), skip=(member.defines,)
-                        )
-                        for p in m_params
-                    }
-                    a_tensors = {p.name: self._load(self.anchor, p.name) for p in m_params}
-                    m_feat, a_feat = self._features(model, member, m_params, m_tensors, a_tensors)
-                model_rows += m_feat
-                anchor_rows += a_feat
-            feature_sets.append((model_rows, anchor_rows))
-
-        if node.heads and self.spec.heads == "matched":
-            plans, costs = head_matched_plans(
-                [(torch.cat(m, 1), torch.cat(a, 1)) for m, a in feature_sets],
-                self.anchor.config_value("heads"),
-                self.spec.solver,
-                self.spec.reg,
-            )
+    def _plan(self, model: ParentModel, space: str, current: Current) -> None:
+        plans = self.plans[model.index]
+        if space in plans:  # the stream's, or solved with its attention block
+            return
+        if space in self.attention:
+            self._solve_attention(model, self.attention[space], current)
+        elif self.spec.method == "vanilla":
+            plans[space] = self._identity(model, space)
         else:
-            plans, costs = [], []
-            for model_blocks, anchor_blocks in feature_sets:
-                cost = block_cost(model_blocks, anchor_blocks)
-                plans.append(solvers.solve(cost, self.spec.solver, self.spec.reg))
-                costs.append(float((plans[-1] * cost).sum()))
-        for members, plan, cost in zip(group, plans, costs, strict=True):
-            for member in members:
-                self.plans[model.index][member.defines] = plan
-            self.records.append(
-                PlanRecord(
-                    model.index,
-                    "+".join(m.defines for m in members),
-                    tuple(plan.shape),
-                    cost,
-                    permutation_distance(plan),
-                )
-            )
-        return self.plans[model.index][node.defines]
+            model_rows, anchor_rows = self._features(model, space, current)
+            cost = block_cost(model_rows, anchor_rows)
+            plans[space] = solvers.solve(cost, self.spec.solver, self.spec.reg)
+            self._record(model, (space,), plans[space], float((plans[space] * cost).sum()))
 
-    def _features(self, model, node, params, tensors, anchor_tensors):
-        """Row blocks (n, F_block) describing each neuron of the layer's output space."""
-        if self.spec.alignment == "activations" and node.tap is not None:
-            # (tokens, n) -> one row of activations per neuron
-            return [self.acts[model.index][node.tap].T], [self.acts[self.anchor.index][node.tap].T]
-        out_params = [p for p in params if ("out", node.defines) in p.axes]
-        axes = [p.axes.index(("out", node.defines)) for p in out_params]
-        return (
-            neuron_rows([tensors[p.name] for p in out_params], axes),
-            neuron_rows([anchor_tensors[p.name] for p in out_params], axes),
+    def _solve_attention(self, model: ParentModel, attention: Attention, current: Current):
+        """Q, K and V of one block together (they share the head matching), then the space
+        the output projection reads, derived from the value plan."""
+        plans = self.plans[model.index]
+        q, k, v = attention.query, attention.key, attention.value
+        if self.spec.method == "vanilla":
+            for space in (q, k, v):
+                plans[space] = self._identity(model, space)
+            same = (np.arange(self.heads), np.arange(self.heads))
+            plans[attention.output] = output_plan(plans[v], same, self.heads, self.groups)
+            return
+        rows = {s: self._features(model, s, current) for s in (q, k, v)}
+        tied = self.spec.qk == "tied"
+        if self.spec.heads == "cross":  # one pool of neurons per space (heads == groups)
+            for members in [(q, k), (v,)] if tied else [(q,), (k,), (v,)]:
+                cost = block_cost(*([b for s in members for b in rows[s][i]] for i in (0, 1)))
+                plan = solvers.solve(cost, self.spec.solver, self.spec.reg)
+                for space in members:
+                    plans[space] = plan
+                self._record(model, members, plan, float((plan * cost).sum()))
+            plans[attention.output] = plans[v]
+            return
+
+        def head_set(members: tuple[str, ...], **kw) -> HeadSet:
+            features = (torch.cat([b for s in members for b in rows[s][i]], 1) for i in (0, 1))
+            return HeadSet(members, *features, **kw)
+
+        if attention.rotary:  # whole Q/K heads, one map for both; values aligned inside
+            sets = [
+                head_set((q,), inside=False),
+                head_set((k,), per_group=True, inside=False),
+                head_set((v,), per_group=True),
+            ]
+        elif tied:
+            sets = [head_set((q, k)), head_set((v,), per_group=True)]
+        else:
+            sets = [head_set((q,)), head_set((k,), per_group=True), head_set((v,), per_group=True)]
+        result = head_matched_plans(sets, self.heads, self.groups, self.spec.solver, self.spec.reg)
+        for head_set_, plan, cost in zip(sets, result.plans, result.costs, strict=True):
+            for space in head_set_.spaces:
+                plans[space] = plan
+            self._record(model, head_set_.spaces, plan, cost)
+        plans[attention.output] = output_plan(plans[v], result.query_pairs, self.heads, self.groups)
+
+    def _record(self, model: ParentModel, spaces, plan: torch.Tensor, cost: float) -> None:
+        self.records.append(
+            PlanRecord(
+                model.index, "+".join(spaces), tuple(plan.shape), cost, permutation_distance(plan)
+            )
         )
 
-    def _width(self, model: ParentModel, node: Layer, params: list[Param]) -> int:
-        for p in params:
-            if ("out", node.defines) in p.axes:
-                return model.checkpoint.shape(model.keys[p.name])[
-                    p.axes.index(("out", node.defines))
-                ]
-        raise ValueError(f"layer defining {node.defines} has no output axis")
+    def _identity(self, model: ParentModel, space: str) -> torch.Tensor:
+        n_model, n_anchor = self._width(model, space), self._width(self.anchor, space)
+        if n_model != n_anchor:
+            raise IncompatibleModelsError(
+                f"{model.label}: vanilla fusion needs equal widths, space {space} "
+                f"has {n_model} vs {n_anchor} in the anchor"
+            )
+        return identity_plan(n_anchor, self.device)
+
+    def _features(self, model: ParentModel, space: str, current: Current):
+        """Row blocks (n, F_block) describing each neuron of `space`, in the model and in the
+        anchor: activations at the defining layer's tap, or its tensors' rows."""
+        layer = self.definer[space]
+        if self.spec.alignment == "activations" and layer.tap is not None:
+            # (tokens, n) -> one row of activations per neuron
+            acts = (self.acts[model.index][layer.tap], self.acts[self.anchor.index][layer.tap])
+            return tuple([_part_of(a, 1, layer.spaces, space).T] for a in acts)
+        if current is not None and current[0] is layer:
+            tensors, anchor_tensors = current[1], current[2]
+        else:  # a layer solved with this one (its attention block's other projections)
+            params = [
+                p for p in layer.params if self.anchor.has(p.name) and not self.anchor.is_tied(p)
+            ]
+            tensors = {
+                p.name: self._align(model, p, self._load(model, p.name), skip=layer.spaces)
+                for p in params
+            }
+            anchor_tensors = {p.name: self._load(self.anchor, p.name) for p in params}
+        model_rows, anchor_rows = [], []
+        for p in layer.params:
+            for axis, tag in enumerate(p.axes):
+                spaces = axis_spaces(tag)
+                if p.name in tensors and space in spaces and tag[0] == "out":
+                    for rows, t in ((model_rows, tensors), (anchor_rows, anchor_tensors)):
+                        rows += neuron_rows([_part_of(t[p.name], axis, spaces, space)], [axis])
+        return model_rows, anchor_rows
+
+    def _width(self, model: ParentModel, space: str) -> int:
+        for p in self.definer[space].params:
+            for axis, tag in enumerate(p.axes):
+                if tag is not None and tag[0] == "out" and space in axis_spaces(tag):
+                    size = model.checkpoint.shape(model.keys[p.name])[axis]
+                    return size // len(axis_spaces(tag))
+        raise ValueError(f"space {space} has no output axis")
 
     # -- the shared residual stream ---------------------------------------------------------
     def _stream_spaces(self) -> set[str]:
@@ -347,10 +407,11 @@ class Engine:
             if not isinstance(node, Layer):
                 continue
             for p in node.params:
-                if p.tied_to or not self.anchor.has(p.name):
+                if self.anchor.is_tied(p) or not self.anchor.has(p.name):
                     continue
-                axes = [k for k, tag in enumerate(p.axes) if tag and tag[1] in self.stream]
-                inner = [tag for tag in p.axes if tag and tag[1] not in self.stream]
+                streams = [bool(set(axis_spaces(tag)) & self.stream) for tag in p.axes]
+                axes = [k for k, in_stream in enumerate(streams) if in_stream]
+                inner = [tag for tag, s in zip(p.axes, streams, strict=True) if tag and not s]
                 if len(axes) != 1 or (first and inner):
                     continue
                 m = self._align(model, p, self._load(model, p.name), skip=self.stream)
@@ -392,3 +453,14 @@ class Engine:
             return float(r / (r + b).clamp_min(1e-12))
         r, b = residual.mean(0), branch.mean(0)  # weighted-matrix: one weight per neuron
         return r / (r + b).clamp_min(1e-12)
+
+
+def _parts(tensor: torch.Tensor, axis: int, count: int) -> tuple[torch.Tensor, ...]:
+    """The equal consecutive parts of a fused axis (GPT-2's Q, K, V)."""
+    if tensor.shape[axis] % count:
+        raise InputError(f"a fused axis of size {tensor.shape[axis]} is not {count} equal parts")
+    return tensor.chunk(count, axis)
+
+
+def _part_of(tensor: torch.Tensor, axis: int, spaces: tuple[str, ...], space: str):
+    return tensor if len(spaces) == 1 else _parts(tensor, axis, len(spaces))[spaces.index(space)]

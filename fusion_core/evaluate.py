@@ -6,6 +6,7 @@ several models' probabilities) is scored by exactly the same code as a single mo
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from .checkpoint import open_checkpoint
 from .data import LABELS, batches, load_data
 from .errors import InputError, check_cancelled
 from .families import resolve_family
+from .metrics import LANGUAGE_MODELING
 
 MLM_PROBABILITY = 0.15
 IGNORE = -100
@@ -35,19 +37,66 @@ def mask_tokens(
     return torch.where(chosen, torch.full_like(input_ids, mask_id), input_ids), labels
 
 
+def causal_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Next-token targets when a data file has none: the inputs themselves, padding ignored
+    (`next_token` shifts them)."""
+    if attention_mask is None:
+        return input_ids.clone()
+    return torch.where(attention_mask.bool(), input_ids, torch.full_like(input_ids, IGNORE))
+
+
+def next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position t predicts token t + 1: logits (B, T-1, V) and their targets (B, T-1)."""
+    return logits[:, :-1], labels[:, 1:]
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Mean cross-entropy over the scored tokens (classifiers: over examples)."""
+    if task == "causal-lm":
+        logits, labels = next_token(logits, labels)
+    if task in LANGUAGE_MODELING:
+        logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    if not bool((labels != IGNORE).any()):  # a batch of padding only: nothing to learn
+        return logits.sum() * 0
+    return torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE)
+
+
+def language_model_labels(data: dict, task: str, model_dir: Path, config: dict, file) -> dict:
+    """Labels of a language-model data file: checked when given; otherwise seeded masking
+    (MLM, identical for every model) or the inputs themselves (causal LM)."""
+    if LABELS in data:
+        if data[LABELS].shape != data["input_ids"].shape:
+            raise InputError(
+                f"{file}: a language model's 'labels' must have the shape of 'input_ids' "
+                f"({tuple(data[LABELS].shape)} vs {tuple(data['input_ids'].shape)})"
+            )
+        return data
+    data = dict(data)
+    if task == "causal-lm":
+        data[LABELS] = causal_labels(data["input_ids"], data.get("attention_mask"))
+    else:
+        mask_id = mask_token_id(model_dir, config)
+        data["input_ids"], data[LABELS] = mask_tokens(
+            data["input_ids"], data.get("attention_mask"), mask_id
+        )
+    return data
+
+
 @dataclass
 class EvalSet:
-    """A data file ready to score: inputs plus labels (seeded masks for MLM without labels)."""
+    """A data file ready to score: inputs plus labels (seeded masks for MLM without labels,
+    the inputs themselves for a causal LM without labels)."""
 
-    task: str  # "classification" | "masked-lm"
+    task: str  # "classification" | "masked-lm" | "causal-lm"
     data: dict[str, torch.Tensor]
     path: Path
 
 
 @dataclass
 class Scores:
-    """Per scored example (classifier) or masked token (MLM): the log-probability of the
-    label, and for classifiers the full probabilities (for accuracy and ensembling)."""
+    """Per scored example (classifier) or token (the masked ones of an MLM, every next token
+    of a causal LM): the log-probability of the label, and for classifiers the full
+    probabilities (for accuracy and ensembling)."""
 
     label_log_prob: torch.Tensor  # (N,)
     labels: torch.Tensor  # (N,)
@@ -57,6 +106,8 @@ class Scores:
 def task_of(architecture: str) -> str:
     if architecture.endswith("ForMaskedLM"):
         return "masked-lm"
+    if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal-lm"
     if "Classification" in architecture:
         return "classification"
     raise InputError(f"{architecture} has no task head to evaluate")
@@ -64,7 +115,8 @@ def task_of(architecture: str) -> str:
 
 def load_eval_set(model_dir: str | Path, data_file: str | Path) -> EvalSet:
     """Read `data_file` for the model family of `model_dir` (labels checked; MLM masking
-    seeded, so every model of a job is scored on the same masked tokens)."""
+    seeded, so every model of a job is scored on the same masked tokens; a causal LM's labels
+    default to its inputs)."""
     checkpoint = open_checkpoint(model_dir)
     family, architecture = resolve_family(checkpoint.config, where=f"{model_dir}: ")
     try:
@@ -74,12 +126,8 @@ def load_eval_set(model_dir: str | Path, data_file: str | Path) -> EvalSet:
     data = load_data(data_file, family)
     if task == "classification" and LABELS not in data:
         raise InputError(f"{data_file}: a classifier is evaluated against 'labels'; none found")
-    if task == "masked-lm" and LABELS not in data:
-        mask_id = checkpoint.config.get("mask_token_id") or _mask_token_id(Path(model_dir))
-        data = dict(data)
-        data["input_ids"], data[LABELS] = mask_tokens(
-            data["input_ids"], data.get("attention_mask"), mask_id
-        )
+    if task in LANGUAGE_MODELING:
+        data = language_model_labels(data, task, Path(model_dir), checkpoint.config, data_file)
     return EvalSet(task, data, Path(data_file))
 
 
@@ -105,7 +153,9 @@ def model_scores(
                 check_cancelled(should_cancel, "evaluation")
                 labels = batch.pop(LABELS).to(device)
                 logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
-                if eval_set.task == "masked-lm":
+                if eval_set.task == "causal-lm":
+                    logits, labels = next_token(logits, labels)
+                if eval_set.task in LANGUAGE_MODELING:
                     keep = labels.reshape(-1) != IGNORE
                     rows = logits.reshape(-1, logits.shape[-1])[keep].log_softmax(-1)
                     targets = labels.reshape(-1)[keep]
@@ -121,13 +171,13 @@ def model_scores(
 
 
 def metrics_from_scores(scores: Scores, task: str) -> dict[str, float]:
-    """Classifiers: accuracy and mean cross-entropy. MLM: mean loss over masked tokens and
-    its perplexity."""
+    """Classifiers: accuracy and mean cross-entropy. Language models: mean loss over the
+    scored tokens (MLM: masked; causal: next tokens) and its perplexity."""
     count = int(scores.labels.numel())
     if count == 0:
         raise InputError("nothing to score (no labelled tokens)")
     loss = float(-scores.label_log_prob.double().mean())
-    if task == "masked-lm":
+    if task in LANGUAGE_MODELING:
         return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count}
     assert scores.probs is not None
     correct = int((scores.probs.argmax(-1) == scores.labels).sum())
@@ -149,7 +199,8 @@ def evaluate(
     model_dir: str | Path, data_file: str | Path, device: str = "cpu", batch_size: int = 64
 ) -> dict[str, float]:
     """Classifiers: accuracy and mean cross-entropy. MLM: loss and perplexity over masked
-    tokens (the file's labels, or seeded masking when it has none)."""
+    tokens (the file's labels, or seeded masking when it has none). Causal LM: loss and
+    perplexity of the next tokens (labels default to the inputs, padding ignored)."""
     eval_set = load_eval_set(model_dir, data_file)
     scores = model_scores(model_dir, eval_set, device, batch_size)
     if scores.labels.numel() == 0:
@@ -157,10 +208,30 @@ def evaluate(
     return metrics_from_scores(scores, eval_set.task)
 
 
-def _mask_token_id(model_dir: Path) -> int:
+def mask_token_id(model_dir: Path, config: dict) -> int:
+    """The mask token's id: config, WordPiece `vocab.txt` ([MASK]), BPE `vocab.json`
+    (<mask>, RoBERTa) or `tokenizer.json` (its vocabulary or added tokens)."""
+    if isinstance(config.get("mask_token_id"), int):
+        return config["mask_token_id"]
     vocab = model_dir / "vocab.txt"
     if vocab.is_file():
         for index, token in enumerate(vocab.read_text().splitlines()):
             if token == "[MASK]":
                 return index
-    raise InputError(f"{model_dir}: cannot find the [MASK] token id (no labels in the data)")
+    for name, read in (("vocab.json", lambda d: d), ("tokenizer.json", _tokenizer_vocab)):
+        file = model_dir / name
+        if file.is_file():
+            try:
+                vocab_map = read(json.loads(file.read_text()))
+            except (ValueError, TypeError, KeyError, AttributeError):
+                continue
+            for token in ("<mask>", "[MASK]"):
+                if isinstance(vocab_map.get(token), int):
+                    return vocab_map[token]
+    raise InputError(f"{model_dir}: cannot find the mask token id (no labels in the data)")
+
+
+def _tokenizer_vocab(document: dict) -> dict:
+    vocab = document["model"]["vocab"]
+    added = {t["content"]: t["id"] for t in document.get("added_tokens", [])}
+    return {**(vocab if isinstance(vocab, dict) else {}), **added}

@@ -3,8 +3,9 @@
 AdamW with linear warmup then cosine decay to zero. The budget is steps, epochs or seconds,
 whichever runs out first; the schedule follows the budget's progress
 t = max(step / planned steps, elapsed / seconds), so a time budget gets a full schedule too.
-bf16 autocast on CUDA only (CPU runs in fp32). The result is written atomically as an HF
-folder; a cancelled or failed finetune writes nothing.
+Weights train in fp32 whatever the checkpoint's dtype, with bf16 autocast on CUDA only (CPU
+runs in fp32), and are written back in the checkpoint's dtype. The result is written
+atomically as an HF folder; a cancelled or failed finetune writes nothing.
 """
 
 from __future__ import annotations
@@ -26,10 +27,16 @@ from .checkpoint import open_checkpoint
 from .data import LABELS, load_data
 from .engine import Progress
 from .errors import CancelledError, InputError
-from .evaluate import IGNORE, _mask_token_id, mask_tokens, task_of
+from .evaluate import (
+    language_model_labels,
+    mask_token_id,
+    mask_tokens,
+    task_of,
+    token_loss,
+)
 from .families import resolve_family
 from .files import SIDE_FILES
-from .metrics import FinetuneRun
+from .metrics import LANGUAGE_MODELING, FinetuneRun
 from .writer import check_output_dir
 
 MAX_CURVE_POINTS = 500
@@ -94,7 +101,8 @@ def finetune(
     should_cancel: Callable[[], bool] | None = None,
 ) -> FinetuneResult:
     """Finetune the checkpoint at `model_dir` on `data_file` (labels for classifiers; MLM
-    data without labels is masked afresh each step) and write it to `out` atomically."""
+    data without labels is masked afresh each step; a causal LM learns its next tokens, the
+    inputs unless labels say otherwise) and write it to `out` atomically."""
     config = (config or FinetuneConfig()).validate()
     out = Path(out)
     check_output_dir(out)
@@ -108,12 +116,17 @@ def finetune(
     if task == "classification" and LABELS not in data:
         raise InputError(f"{data_file}: finetuning a classifier needs 'labels'; none found")
     mask_id = None
-    if task == "masked-lm" and LABELS not in data:
-        mask_id = checkpoint.config.get("mask_token_id") or _mask_token_id(model_dir)
+    if task == "masked-lm" and LABELS not in data:  # masked afresh each step
+        mask_id = mask_token_id(model_dir, checkpoint.config)
+    elif task in LANGUAGE_MODELING:
+        data = language_model_labels(data, task, model_dir, checkpoint.config, data_file)
 
     device = torch.device(config.device or "cpu")
     model = load_live_model(model_dir, architecture, str(device))
-    model.train()
+    # fp32 master weights whatever the checkpoint stores (AdamW's small updates vanish in
+    # bf16/fp16); the result is written back in the stored dtype
+    stored_dtype = model.dtype
+    model.float().train()
     count = next(iter(data.values())).shape[0]
     batch_size = min(config.batch_size, count)
     per_epoch = math.ceil(count / batch_size)
@@ -171,7 +184,7 @@ def finetune(
         labels = batch.pop(LABELS).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        loss = _loss(logits.float(), labels, task)
+        loss = token_loss(logits.float(), labels, task)
         if not torch.isfinite(loss):
             raise InputError(f"finetune of the {name} model diverged at step {step} (loss {loss})")
         optimizer.zero_grad(set_to_none=True)
@@ -199,20 +212,12 @@ def finetune(
     )
     if cancelled():
         raise CancelledError(f"finetune of the {name} model cancelled")
-    _write(model, model_dir, out, run, config)
+    _write(model.to(dtype=stored_dtype), model_dir, out, run, config)
     return FinetuneResult(out, run, losses)
 
 
 def _epoch_steps(epochs: float | None, per_epoch: int) -> int | None:
     return max(1, math.ceil(epochs * per_epoch)) if epochs else None
-
-
-def _loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    if task == "masked-lm":
-        return torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE
-        )
-    return torch.nn.functional.cross_entropy(logits, labels)
 
 
 def _thin(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:

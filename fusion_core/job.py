@@ -39,6 +39,7 @@ from .metrics import (
     ModelResult,
     Sweep,
     plan_diagnostics,
+    primary_metric,
 )
 from .spec import FusionSpec
 from .sweep import Point, parse_regs, run_sweep, save_transport_maps
@@ -238,7 +239,7 @@ def fuse_job(
         timings["total"] = round(time.perf_counter() - clock, 3)
         metrics = Metrics(
             task=task,
-            primary_metric="loss" if task == "masked-lm" else "accuracy",
+            primary_metric=primary_metric(task),
             models=[str(m) for m in model_dirs],
             anchor=spec.anchor,
             spec=fusion.spec.to_dict(),
@@ -251,7 +252,7 @@ def fuse_job(
             evaluation=evaluation,
             sweep=Sweep(
                 _str(calib_file) or "",
-                "loss" if task == "masked-lm" else "accuracy",
+                primary_metric(task),
                 swept.points,
                 {"solver": chosen.solver, "reg": chosen.reg},
             )

@@ -22,8 +22,30 @@ from .errors import InputError
 from .families import canonical_name
 from .models import ParentModel
 
-VOCAB_KEY = "vocab_size"
-LABELS_KEY = "num_labels"
+# config.json keys that size a model, across the supported families' naming schemes.
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers")
+WIDTH_KEYS = (
+    "hidden_size",
+    "n_embd",
+    "dim",
+    "intermediate_size",
+    "n_inner",
+    "hidden_dim",
+    "num_attention_heads",
+    "n_head",
+    "n_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
+# Table sizes; transformers also builds a dict of num_labels entries from the config.
+COUNT_KEYS = (
+    "vocab_size",
+    "num_labels",
+    "max_position_embeddings",
+    "n_positions",
+    "type_vocab_size",
+)
+OPTIONAL_ROLES_KEYS = ("num_key_value_heads", "head_dim")
 
 
 @dataclass(frozen=True)
@@ -38,19 +60,16 @@ class Limits:
 
     def check(self, parent: ParentModel) -> None:
         """Sizes under the maxima, then the config against the tensors."""
-        bounds = {
-            "layers": self.max_layers,
-            "heads": self.max_width,
-            "hidden": self.max_width,
-            "intermediate": self.max_width,
-        }
         config = parent.checkpoint.config
-        for role, key in parent.family.config_keys.items():
-            if key in config or role in ("layers", "hidden", "heads"):
-                _bounded(parent, key, config.get(key), bounds.get(role, self.max_width))
-        for key in (VOCAB_KEY, LABELS_KEY):  # transformers builds a dict of num_labels entries
-            if key in config:
-                _bounded(parent, key, config[key], self.max_vocab)
+        bound = {key: self.max_layers for key in LAYER_KEYS}
+        bound |= dict.fromkeys(WIDTH_KEYS, self.max_width)
+        bound |= dict.fromkeys(COUNT_KEYS, self.max_vocab)
+        required = set(parent.family.config_keys.values()) - set(OPTIONAL_ROLES_KEYS)
+        for key in sorted(required | (set(bound) & set(config))):
+            value = config.get(key)
+            if value is None and key not in required:
+                continue  # a documented "unset" (GPT-2's n_inner, Llama's head_dim)
+            _bounded(parent, key, value, bound.get(key, self.max_width))
         count = parent.checkpoint.parameter_count
         if count > self.max_parameters:
             raise InputError(

@@ -19,6 +19,14 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
 TRANSPORT_MAPS_FILE = "transport_maps.safetensors"
 
+LANGUAGE_MODELING = ("masked-lm", "causal-lm")  # tasks scored per token: loss, perplexity
+
+
+def primary_metric(task: str) -> str:
+    """What ranks models of a task: loss (lower is better) or accuracy (higher)."""
+    return "loss" if task in LANGUAGE_MODELING else "accuracy"
+
+
 # kinds of evaluated models, in the order tables and charts show them
 KINDS = ("parent", "ensemble", "vanilla", "fused", "vanilla+finetune", "fused+finetune")
 
@@ -89,7 +97,7 @@ class PlanDiagnostics:
 
 @dataclass
 class Metrics:
-    task: str  # "classification" | "masked-lm"
+    task: str  # "classification" | "masked-lm" | "causal-lm"
     primary_metric: str  # "accuracy" | "loss"
     models: list[str]  # parent checkpoint folders, in the order given
     anchor: int

@@ -16,6 +16,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .metrics import LANGUAGE_MODELING
+
 MAX_HEATMAPS = 24
 COLORS = {
     "parent": "#8c8c8c",
@@ -38,7 +40,8 @@ def baseline_chart(document: dict) -> bytes | None:
     rows = [r for r in document.get("evaluation", []) if r.get("metrics")]
     if not rows:
         return None
-    names = ["accuracy", "loss"] if document["task"] != "masked-lm" else ["loss", "perplexity"]
+    language_model = document["task"] in LANGUAGE_MODELING
+    names = ["loss", "perplexity"] if language_model else ["accuracy", "loss"]
     fig = Figure(figsize=(4.2 * len(names), 3.4))
     for k, metric in enumerate(names):
         ax = fig.add_subplot(1, len(names), k + 1)

@@ -4,7 +4,8 @@ calibration split.
 Activations do not depend on the solver or its regularizer, so they are collected once
 (`api.prepare`) and every point reuses them. Costs are max-normalized to [0, 1], so one grid
 suits every model: `auto` is EMD plus five log-spaced Sinkhorn values from 0.01 to 0.3.
-Classifiers are ranked by calibration accuracy (ties: lower loss), MLMs by calibration loss.
+Classifiers are ranked by calibration accuracy (ties: lower loss), language models (masked
+or causal) by calibration loss.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .api import FusionReport, Prepared, ProgressCallback, fuse_prepared
 from .engine import Progress
 from .errors import InputError
 from .evaluate import EvalSet, metrics_from_scores, model_scores
-from .metrics import SweepPoint
+from .metrics import LANGUAGE_MODELING, SweepPoint
 
 AUTO_REGS = (0.01, 0.023, 0.055, 0.13, 0.3)  # geomspace(0.01, 0.3, 5), rounded
 
@@ -76,8 +77,8 @@ def parse_regs(value: str | float | Sequence[str | float]) -> list[Point]:
 
 
 def calibration_key(metrics: dict[str, float], task: str) -> tuple[float, ...]:
-    """Larger is better: accuracy then -loss for classifiers; -loss for MLM."""
-    if task == "masked-lm":
+    """Larger is better: accuracy then -loss for classifiers; -loss for language models."""
+    if task in LANGUAGE_MODELING:
         return (-metrics["loss"],)
     return (metrics["accuracy"], -metrics["loss"])
 

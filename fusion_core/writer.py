@@ -43,7 +43,7 @@ def write_checkpoint(
     """Fused tensors (canonical names) + the anchor's buffers, config and side files."""
     check_output_dir(out)
     state = {serialized_key(anchor, name): t.contiguous() for name, t in tensors.items()}
-    for name in anchor.family.buffers:
+    for name in anchor.family.buffer_names(anchor.config_value("layers")):
         if anchor.has(name):
             state[serialized_key(anchor, name)] = anchor.tensor(name).contiguous()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         "fuse",
         help="fuse two or more HF checkpoint folders into one",
         description="Fuse two or more Hugging Face checkpoint folders (config.json + "
-        "safetensors) of one family (BERT, ViT) into --out, in the anchor's shapes.",
+        "safetensors) of one family (BERT, RoBERTa/XLM-R, DistilBERT, ViT, GPT-2, Llama, "
+        "Mistral, Qwen2) into --out, in the anchor's shapes.",
     )
     fuse.add_argument("models", nargs="+", metavar="MODEL_DIR", help="checkpoint folders (≥ 2)")
     fuse.add_argument(
@@ -122,14 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--qk",
         choices=("tied", "free"),
         default="tied",
-        help="query and key share one TM (tied, default) or get their own",
+        help="query and key share one TM (tied, default) or get their own; rotary models "
+        "(Llama, Mistral, Qwen2) need tied: their Q/K heads move whole",
     )
     fuse.add_argument(
         "--heads",
         choices=("matched", "cross"),
         default="matched",
-        help="matched (default): heads paired one to one, dimensions aligned inside pairs; "
-        "cross: the paper's cross-head alignment over all heads' dimensions",
+        help="matched (default): heads paired one to one (key/value groups first under "
+        "grouped-query attention), dimensions aligned inside pairs; cross: the paper's "
+        "cross-head alignment over all heads' dimensions (not for rotary models)",
     )
     fuse.add_argument(
         "--anchor",
@@ -239,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="one-shot metrics of a checkpoint on a data file (JSON on stdout)",
         description="Evaluate a checkpoint folder on a safetensors data file: accuracy and "
-        "loss for classifiers, loss and perplexity for masked language models.",
+        "loss for classifiers, loss and perplexity for masked and causal language models.",
     )
     evaluate.add_argument("model", metavar="MODEL_DIR")
     evaluate.add_argument("--data", type=Path, required=True, metavar="FILE")

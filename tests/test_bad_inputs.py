@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import rewrite_keys, save, text_data, tiny_bert, tiny_vit
+from factories import rewrite_keys, save, text_data, tiny, tiny_bert, tiny_decoder, tiny_vit
 from safetensors.torch import load_file, save_file
 
 from otfuse.cli import main
@@ -91,15 +91,50 @@ def test_nan_weights(vit_pair, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "config_change", [{"model_type": "gpt2"}, {"architectures": ["BertForPreTraining"]}]
+    "config_change,supported",
+    [
+        ({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}, "LlamaForCausalLM"),
+        ({"architectures": ["BertForPreTraining"]}, "BertForMaskedLM"),
+    ],
 )
-def test_unknown_architecture(tmp_path, capsys, config_change):
+def test_unknown_architecture(tmp_path, capsys, config_change, supported):
+    """The error names what is supported."""
     models = [save(tiny_bert(seed=1), tmp_path / "a"), save(tiny_bert(seed=2), tmp_path / "b")]
     config = json.loads((models[1] / "config.json").read_text())
     config.update(config_change)
     (models[1] / "config.json").write_text(json.dumps(config))
     code, err = run_fuse(capsys, models, tmp_path / "out")
-    assert_rejected(code, err, tmp_path / "out", "not supported")
+    assert_rejected(code, err, tmp_path / "out", "not supported", supported)
+
+
+@pytest.mark.parametrize(
+    "second,words",
+    [
+        (lambda: tiny_decoder("MistralForCausalLM"), ["mistral", "llama"]),
+        (lambda: tiny("GPT2LMHeadModel"), ["gpt2", "llama"]),
+        (lambda: tiny_decoder(kv_heads=4), ["4 key/value heads", "has 2"]),
+        (lambda: tiny_decoder(heads=2, kv_heads=2), ["2 attention heads", "has 4"]),
+        (lambda: tiny_decoder(layers=3), ["3 layers"]),
+        (lambda: tiny_decoder(head_dim=8), ["head_dim 8", "has 4", "rotary"]),
+    ],
+)
+def test_decoders_that_cannot_be_fused(tmp_path, capsys, second, words):
+    models = [save(tiny_decoder(seed=1), tmp_path / "a"), save(second(), tmp_path / "b")]
+    code, err = run_fuse(capsys, models, tmp_path / "out")
+    assert_rejected(code, err, tmp_path / "out", *words)
+
+
+@pytest.mark.parametrize(
+    "flags,words",
+    [(["--heads", "cross"], ["--heads cross", "rotary"]), (["--qk", "free"], ["--qk free"])],
+)
+def test_rotary_models_refuse_alignment_inside_query_key_heads(tmp_path, capsys, flags, words):
+    models = [
+        save(tiny_decoder(seed=1), tmp_path / "a"),
+        save(tiny_decoder(seed=2), tmp_path / "b"),
+    ]
+    code, err = run_fuse(capsys, models, tmp_path / "out", *flags)
+    assert_rejected(code, err, tmp_path / "out", *words)
 
 
 def test_data_with_wrong_tensor_names(vit_pair, tmp_path, capsys):

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from factories import image_data, save, text_data, tiny_bert, tiny_vit
-from safetensors.torch import load_file
+from factories import image_data, save, text_data, tiny_bert, tiny_decoder, tiny_vit
+from safetensors.torch import load_file, save_file
 
 from fusion_core import evaluate
 from fusion_core.api import prepare
@@ -66,16 +66,48 @@ def test_mlm_loss_perplexity_and_ensemble_by_hand(tmp_path):
         log_p = _logits(model, batch).log_softmax(-1)[keep]
         label_probs.append(log_p.gather(1, labels[keep][:, None])[:, 0].exp())
 
+    _assert_token_metrics(folders, data_file, label_probs)
+
+
+def _assert_token_metrics(folders, data_file, label_probs: list[torch.Tensor]) -> None:
+    """Language-model rows against each model's label probabilities at the scored tokens:
+    loss, perplexity, token count; the ensemble from the mean of the probabilities."""
     rows = parents_and_ensemble(folders, load_eval_set(folders[0], data_file))
     for row, p in zip(rows[:2], label_probs, strict=True):
         loss = float(-p.log().mean())
         assert row.metrics["loss"] == pytest.approx(loss, rel=1e-5)
         assert row.metrics["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
-        assert row.metrics["tokens"] == int(keep.sum())
+        assert row.metrics["tokens"] == p.numel()
         assert evaluate(row.path, data_file)["loss"] == pytest.approx(loss, rel=1e-5)
     ensemble_loss = float(-torch.stack(label_probs).mean(0).log().mean())
     assert rows[2].metrics["loss"] == pytest.approx(ensemble_loss, rel=1e-5)
     assert rows[2].metrics["perplexity"] == pytest.approx(math.exp(ensemble_loss), rel=1e-5)
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_causal_lm_next_token_loss_and_ensemble_by_hand(tmp_path, with_labels):
+    """Position t predicts token t + 1; padding is never a target; labels default to the
+    inputs, and given labels (-100: ignored) are used as they are."""
+    models = [tiny_decoder(seed=s) for s in (1, 2)]
+    folders = [save(m, tmp_path / f"m{s}") for s, m in zip((1, 2), models, strict=True)]
+    data_file = text_data(tmp_path / "t.safetensors", count=20, labels=False)
+    data = load_file(str(data_file))
+    ids, mask = data["input_ids"], data["attention_mask"]
+    targets = ids[:, 1:].clone()
+    targets[mask[:, 1:] == 0] = -100
+    if with_labels:  # score only the second half of each sequence
+        labels = ids.clone()
+        labels[:, :5] = -100
+        labels[mask == 0] = -100
+        save_file({**data, "labels": labels}, str(data_file))
+        targets[:, :4] = -100
+    keep = targets != -100
+    label_probs = []
+    for model in models:
+        log_p = _logits(model, {"input_ids": ids, "attention_mask": mask})[:, :-1].log_softmax(-1)
+        label_probs.append(log_p[keep].gather(1, targets[keep][:, None])[:, 0].exp())
+
+    _assert_token_metrics(folders, data_file, label_probs)
 
 
 def test_vanilla_fusion_of_different_widths_is_skipped_with_a_reason(tmp_path):

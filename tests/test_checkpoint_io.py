@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import transformers
-from factories import permuted_copy, rewrite_keys, save, text_data, tiny_bert, tiny_vit
+from factories import permuted_copy, rewrite_keys, save, text_data, tiny, tiny_bert, tiny_vit
 from safetensors.torch import load_file, save_file
 
 from fusion_core import FusionSpec, InputError, fuse
@@ -104,3 +104,28 @@ def test_no_partial_output_when_a_fusion_fails(tmp_path):
     with pytest.raises(InputError, match="inf"):
         fuse(folders, tmp_path / "out", FusionSpec())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_gpt2_as_published_with_per_layer_causal_masks(tmp_path):
+    """The hub's GPT-2 layout: no `transformer.` prefix, no stored (tied) LM head, a causal
+    mask buffer per layer (`h.N.attn.bias`, bool; older files also `masked_bias`). The
+    buffers are copied from the anchor and the fused folder loads as GPT2LMHeadModel."""
+    model = tiny("GPT2LMHeadModel", seed=1)
+    folders = [save(model, tmp_path / "a"), save(permuted_copy(model, 2), tmp_path / "b")]
+    for folder in folders:
+        file = folder / "model.safetensors"
+        state = {k.removeprefix("transformer."): v for k, v in load_file(str(file)).items()}
+        assert "lm_head.weight" not in state
+        for i in range(2):
+            state[f"h.{i}.attn.bias"] = torch.ones(1, 1, 32, 32, dtype=torch.bool).tril()
+            state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        save_file(state, str(file), metadata={"format": "pt"})
+    data = text_data(tmp_path / "d.safetensors", labels=False)
+    fuse(folders, tmp_path / "out", FusionSpec(solver="emd", alignment="activations"), data=data)
+    fused_state = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert fused_state["h.1.attn.bias"].dtype == torch.bool
+    assert torch.equal(fused_state["h.1.attn.bias"], torch.ones(1, 1, 32, 32).tril().bool())
+    assert float(fused_state["h.0.attn.masked_bias"]) == -1e4
+    fused = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "out")).eval()
+    batch = {k: v for k, v in load_file(str(data)).items()}
+    torch.testing.assert_close(fused(**batch).logits, model(**batch).logits, atol=1e-4, rtol=1e-4)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import transformers
-from factories import image_data, save, text_data, tiny_bert, tiny_vit
-from safetensors.torch import save_file
+from factories import image_data, save, text_data, tiny_bert, tiny_decoder, tiny_vit
+from safetensors.torch import load_file, save_file
 
 from fusion_core import CancelledError, FusionSpec, evaluate
 from fusion_core.finetune import FinetuneConfig, finetune, lr_factor
@@ -136,3 +136,16 @@ def test_bad_budgets(vit, train, tmp_path):
         with pytest.raises(InputError):
             finetune(vit, train, tmp_path / "x", bad)
     assert FinetuneConfig().validate().epochs == 1.0
+
+
+def test_bf16_causal_lm_finetune_learns_and_stays_bf16(tmp_path):
+    """Next-token loss on a learnable sequence falls; the bf16 checkpoint stays bf16."""
+    llama = save(tiny_decoder(seed=1).to(torch.bfloat16), tmp_path / "llama")
+    ids = (torch.arange(10)[None, :] * 3 + torch.arange(32)[:, None]) % 35 + 5  # +3 per step
+    data = tmp_path / "count.safetensors"
+    save_file({"input_ids": ids}, str(data))
+    before = evaluate(llama, data)["loss"]
+    finetune(llama, data, tmp_path / "ft", FinetuneConfig(steps=30, lr=1e-2, batch_size=16))
+    assert evaluate(tmp_path / "ft", data)["loss"] < before - 0.5
+    stored = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}

@@ -2,20 +2,42 @@
 
 import pytest
 import torch
-from factories import DEVICE, image_data, save, text_data, tiny_bert, tiny_vit
+from factories import DEVICE, image_data, save, text_data, tiny, tiny_bert, tiny_decoder, tiny_vit
 from safetensors.torch import load_file
 
 from fusion_core import FusionSpec, fuse
 
 POLICIES = ["average", "weighted-scalar", "weighted-matrix", "identity", "shared"]
+MODELS = {
+    "bert": (tiny_bert, text_data),
+    "vit": (tiny_vit, image_data),
+    "gpt2": (lambda seed: tiny("GPT2LMHeadModel", seed=seed), text_data),
+    "llama": (tiny_decoder, text_data),
+}
+OTHER_MODELS = {
+    "roberta": lambda seed: tiny("RobertaForMaskedLM", seed=seed),
+    "distilbert": lambda seed: tiny("DistilBertForSequenceClassification", seed=seed),
+    "mistral": lambda seed: tiny_decoder("MistralForCausalLM", kv_heads=1, seed=seed),
+    "qwen2": lambda seed: tiny_decoder("Qwen2ForCausalLM", head_dim=8, seed=seed),
+}
 
 
 @pytest.mark.parametrize("residual", POLICIES)
 @pytest.mark.parametrize("solver", ["emd", "sinkhorn"])
-@pytest.mark.parametrize("family", ["bert", "vit"])
+@pytest.mark.parametrize("family", list(MODELS))
 def test_self_fusion_is_identity(tmp_path, residual, solver, family):
-    model = tiny_bert(seed=1) if family == "bert" else tiny_vit(seed=1)
-    data = (text_data if family == "bert" else image_data)(tmp_path / "d.safetensors")
+    make, make_data = MODELS[family]
+    _assert_self_fusion_is_identity(tmp_path, make(seed=1), make_data, solver, residual)
+
+
+@pytest.mark.parametrize("family", list(OTHER_MODELS))
+def test_self_fusion_of_the_other_families_is_identity(tmp_path, family):
+    model = OTHER_MODELS[family](seed=1)
+    _assert_self_fusion_is_identity(tmp_path, model, text_data, "sinkhorn", "weighted-matrix")
+
+
+def _assert_self_fusion_is_identity(tmp_path, model, make_data, solver, residual):
+    data = make_data(tmp_path / "d.safetensors")
     folder = save(model, tmp_path / "m")
     out = tmp_path / "fused"
     # Sinkhorn recovers the identity only when the regularizer is small next to the gap

@@ -5,20 +5,26 @@ from __future__ import annotations
 import re
 
 from ..errors import UnsupportedArchitectureError
-from .base import Family, Layer, Merge, Node, Param, Tap
+from .base import Attention, Family, Layer, Merge, Node, Param, Tap, axis_spaces
 from .bert import BERT
+from .distilbert import DISTILBERT
+from .gpt2 import GPT2
+from .llama import LLAMA, MISTRAL, QWEN2
+from .roberta import ROBERTA
 from .vit import VIT
 
-FAMILIES: tuple[Family, ...] = (BERT, VIT)
+FAMILIES: tuple[Family, ...] = (BERT, VIT, ROBERTA, DISTILBERT, GPT2, LLAMA, MISTRAL, QWEN2)
 
 __all__ = [
     "FAMILIES",
+    "Attention",
     "Family",
     "Layer",
     "Merge",
     "Node",
     "Param",
     "Tap",
+    "axis_spaces",
     "canonical_name",
     "resolve_family",
 ]
@@ -41,9 +47,9 @@ def resolve_family(config: dict, where: str = "") -> tuple[Family, str]:
                     f"{where}architecture {arch!r} is not supported (supported: {supported})"
                 )
             return family, arch
-    known = ", ".join(t for f in FAMILIES for t in f.model_types)
+    known = ", ".join(a for f in FAMILIES for a in f.architectures)
     raise UnsupportedArchitectureError(
-        f"{where}model_type {model_type!r} is not supported (supported: {known})"
+        f"{where}model_type {model_type!r} is not supported (supported architectures: {known})"
     )
 
 

@@ -3,12 +3,15 @@
 A description lists, in forward order, the *nodes* of a transport-map (TM) flow graph over
 serialized tensor names (sec. 4.1 of the paper):
 
-- `Layer`: a group of tensors. Each tensor axis is tagged with the space it lives in. If the
-  layer `defines` a space, the engine computes that space's TM by OT (from the tensors' rows
-  or from the activations at `tap`); otherwise the tensors only follow spaces defined before.
+- `Layer`: a group of tensors. Each tensor axis is tagged with the space (or spaces) it lives
+  in. If the layer `defines` spaces, the engine computes their TMs by OT (from the tensors'
+  rows or from the activations at `tap`); otherwise the tensors only follow spaces defined
+  before.
 - `Merge`: a residual addition. The merged space's TM combines the residual's and the
   branch's TMs by the residual policy (sec. 4.2.1), optionally weighted by the anchor's
   activations at the two taps.
+- `Attention`: declares which spaces are a block's queries, keys and values, so the engine
+  aligns them head by head (and keeps rotary or grouped-query attention intact).
 
 Names carry `{i}` (layer index) and `{next}` (i + 1) placeholders, expanded per layer.
 """
@@ -22,8 +25,22 @@ Role = Literal["out", "in"]
 """`out`: the axis holds values of the space's neurons (aligned by averaging onto the anchor's
 neurons); `in`: the axis consumes them (aligned so each model's neuron is reconstructed)."""
 
-Axis = tuple[Role, str] | None
-"""A tagged axis, or None for an axis no TM acts on (vocabulary, labels, positions)."""
+Axis = tuple[Role, str | tuple[str, ...]] | None
+"""A tagged axis, or None for an axis no TM acts on (vocabulary, labels, positions). An axis
+tagged with several spaces holds them in equal consecutive parts, e.g. GPT-2's fused
+`c_attn` output: ("out", ("q.{i}", "k.{i}", "v.{i}"))."""
+
+
+def axis_spaces(axis: Axis) -> tuple[str, ...]:
+    if axis is None:
+        return ()
+    return (axis[1],) if isinstance(axis[1], str) else axis[1]
+
+
+def _format(spaces: str | tuple[str, ...], **fmt: int) -> str | tuple[str, ...]:
+    if isinstance(spaces, str):
+        return spaces.format(**fmt)
+    return tuple(s.format(**fmt) for s in spaces)
 
 
 @dataclass(frozen=True)
@@ -31,10 +48,13 @@ class Param:
     name: str
     axes: tuple[Axis, ...]
     optional: bool = False
-    tied_to: str | None = None  # stored tied weights (MLM decoder) copy their source
+    # A tied copy of another tensor (an LM head tied to the word embeddings): written as its
+    # fused source when the anchor ties them (config `tie_word_embeddings`), fused on its
+    # own otherwise.
+    tied_to: str | None = None
 
     def expand(self, **fmt: int) -> Param:
-        axes = tuple(None if a is None else (a[0], a[1].format(**fmt)) for a in self.axes)
+        axes = tuple(None if a is None else (a[0], _format(a[1], **fmt)) for a in self.axes)
         tied = self.tied_to.format(**fmt) if self.tied_to else None
         return Param(self.name.format(**fmt), axes, self.optional, tied)
 
@@ -54,18 +74,20 @@ class Tap:
 @dataclass(frozen=True)
 class Layer:
     params: tuple[Param, ...]
-    defines: str | None = None
-    tap: Tap | None = None
-    qk: str | None = None  # query and key layers with the same tag may share one TM
-    heads: bool = False  # output axis is split into attention heads
+    defines: str | tuple[str, ...] | None = None  # several: the parts of a fused output axis
+    tap: Tap | None = None  # for several spaces, the tap's features split the same way
+
+    @property
+    def spaces(self) -> tuple[str, ...]:
+        if self.defines is None:
+            return ()
+        return (self.defines,) if isinstance(self.defines, str) else self.defines
 
     def expand(self, **fmt: int) -> Layer:
         return Layer(
             tuple(p.expand(**fmt) for p in self.params),
-            self.defines.format(**fmt) if self.defines else None,
+            _format(self.defines, **fmt) if self.defines else None,
             self.tap.expand(**fmt) if self.tap else None,
-            self.qk.format(**fmt) if self.qk else None,
-            self.heads,
         )
 
 
@@ -87,7 +109,35 @@ class Merge:
         )
 
 
-Node = Layer | Merge
+@dataclass(frozen=True)
+class Attention:
+    """The head structure of one attention block, over spaces its layers define.
+
+    `query` holds `heads` heads, `key` and `value` hold `kv_heads` heads (grouped-query
+    attention when fewer: query head h reads key/value head h // (heads / kv_heads)).
+    `output` is the space the output projection consumes: per query head, the values of its
+    group; the engine derives its TM from the value TM and the head matching. With
+    `rotary`, query/key dimensions are rotated in frequency pairs, so Q and K heads move
+    only as whole heads, with one head map for both and no plan inside a head.
+    """
+
+    query: str
+    key: str
+    value: str
+    output: str
+    rotary: bool = False
+
+    def expand(self, **fmt: int) -> Attention:
+        return Attention(
+            self.query.format(**fmt),
+            self.key.format(**fmt),
+            self.value.format(**fmt),
+            self.output.format(**fmt),
+            self.rotary,
+        )
+
+
+Node = Layer | Merge | Attention
 
 
 @dataclass(frozen=True)
@@ -101,10 +151,14 @@ class Family:
     final: tuple[Node, ...]
     heads: dict[str, tuple[Node, ...]]
     renames: tuple[tuple[str, str], ...] = ()  # regex -> canonical, for other naming schemes
-    buffers: tuple[str, ...] = ()  # non-parameter tensors, copied from the anchor
+    # Non-parameter tensors, copied from the anchor; `{i}` names repeat per layer.
+    buffers: tuple[str, ...] = ()
     inputs: tuple[str, ...] = ()  # forward arguments a data file may carry (plus labels)
     token_layout: Literal["text", "vision"] = "text"
-    config_keys: dict[str, str] = field(default_factory=dict)  # role -> config.json key
+    # role -> config.json key: "layers", "heads", and "kv_heads" where the family has
+    # grouped-query attention (absent from a config: as many as "heads").
+    config_keys: dict[str, str] = field(default_factory=dict)
+    tie_default: bool = True  # `tie_word_embeddings` when a config does not say
 
     def nodes(self, architecture: str, num_layers: int) -> list[tuple[str, Node]]:
         """The whole flow graph of one architecture, layers unrolled, in forward order, each
@@ -119,17 +173,42 @@ class Family:
         nodes += [("head", node.expand(i=num_layers, next=num_layers)) for node in end]
         return nodes
 
+    def buffer_names(self, num_layers: int) -> list[str]:
+        names = [b for b in self.buffers if "{i}" not in b]
+        for i in range(num_layers):
+            names += [b.format(i=i) for b in self.buffers if "{i}" in b]
+        return names
+
 
 def linear(
-    module: str, out: Axis, inp: Axis, defines: str | None = None, tap: bool = True, **kw
+    module: str,
+    out: Axis,
+    inp: Axis,
+    defines: str | None = None,
+    tap: bool = True,
+    bias: bool | Literal["optional"] = True,
 ) -> Layer:
-    """A dense layer: `weight` (out, in) and `bias` (out), tapped at its output."""
-    bias_axis = (out,)
-    params = (Param(f"{module}.weight", (out, inp)), Param(f"{module}.bias", bias_axis))
-    return Layer(params, defines, Tap("out", module) if tap and defines else None, **kw)
+    """A dense layer: `weight` (out, in) and `bias` (out), tapped at its output. `bias`:
+    present, absent, or `"optional"` (a config switch such as Llama's `attention_bias`)."""
+    params = [Param(f"{module}.weight", (out, inp))]
+    if bias:
+        params.append(Param(f"{module}.bias", (out,), optional=bias == "optional"))
+    return Layer(tuple(params), defines, Tap("out", module) if tap and defines else None)
+
+
+def conv1d(module: str, out: Axis, inp: Axis, defines: str | tuple[str, ...] | None) -> Layer:
+    """GPT-2's Conv1D: a dense layer whose `weight` is stored (in, out)."""
+    params = (Param(f"{module}.weight", (inp, out)), Param(f"{module}.bias", (out,)))
+    return Layer(params, defines, Tap("out", module) if defines else None)
 
 
 def norm(module: str, space: str) -> Layer:
     """LayerNorm: per-neuron scale and shift, aligned by the incoming TM only (sec. 4.2.3)."""
     axes: tuple[Axis, ...] = (("out", space),)
     return Layer((Param(f"{module}.weight", axes), Param(f"{module}.bias", axes)))
+
+
+def rms_norm(module: str, space: str) -> Layer:
+    """RMSNorm: a per-neuron scale only; the root mean square is invariant under
+    permutations of the stream, so it follows the incoming TM like LayerNorm."""
+    return Layer((Param(f"{module}.weight", (("out", space),)),))

@@ -5,8 +5,7 @@ Canonical names are the ones published checkpoints carry; transformers 5 saves
 """
 
 from .base import Family, Layer, Merge, Param, Tap, linear, norm
-
-L = "encoder.layer.{i}"
+from .blocks import encoder_block
 
 VIT = Family(
     name="vit",
@@ -43,49 +42,18 @@ VIT = Family(
             Tap("param", "embeddings.position_embeddings"),
         ),
     ),
-    layer=(
-        norm(f"{L}.layernorm_before", "res.{i}"),
-        linear(
-            f"{L}.attention.attention.query",
-            ("out", "q.{i}"),
-            ("in", "res.{i}"),
-            "q.{i}",
-            qk="qk.{i}",
-            heads=True,
+    layer=encoder_block(
+        "encoder.layer.{i}",
+        (
+            "attention.attention.query",
+            "attention.attention.key",
+            "attention.attention.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
         ),
-        linear(
-            f"{L}.attention.attention.key",
-            ("out", "k.{i}"),
-            ("in", "res.{i}"),
-            "k.{i}",
-            qk="qk.{i}",
-            heads=True,
-        ),
-        linear(
-            f"{L}.attention.attention.value",
-            ("out", "v.{i}"),
-            ("in", "res.{i}"),
-            "v.{i}",
-            heads=True,
-        ),
-        linear(f"{L}.attention.output.dense", ("out", "ao.{i}"), ("in", "v.{i}"), "ao.{i}"),
-        Merge(
-            "mid.{i}",
-            "res.{i}",
-            "ao.{i}",
-            Tap("in", f"{L}.layernorm_before"),
-            Tap("out", f"{L}.attention.output.dense"),
-        ),
-        norm(f"{L}.layernorm_after", "mid.{i}"),
-        linear(f"{L}.intermediate.dense", ("out", "mlp.{i}"), ("in", "mid.{i}"), "mlp.{i}"),
-        linear(f"{L}.output.dense", ("out", "mo.{i}"), ("in", "mlp.{i}"), "mo.{i}"),
-        Merge(
-            "res.{next}",
-            "mid.{i}",
-            "mo.{i}",
-            Tap("in", f"{L}.layernorm_after"),
-            Tap("out", f"{L}.output.dense"),
-        ),
+        ("layernorm_before", "layernorm_after"),
+        pre_norm=True,
     ),
     final=(norm("layernorm", "res.{i}"),),
     heads={
@@ -103,10 +71,5 @@ VIT = Family(
     ),
     inputs=("pixel_values",),
     token_layout="vision",
-    config_keys={
-        "layers": "num_hidden_layers",
-        "heads": "num_attention_heads",
-        "hidden": "hidden_size",
-        "intermediate": "intermediate_size",
-    },
+    config_keys={"layers": "num_hidden_layers", "heads": "num_attention_heads"},
 )
