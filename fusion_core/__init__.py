@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "FusionReport": "api",
     "fuse": "api",
-    "Progress": "engine",
+    "Progress": "progress",
     "CancelledError": "errors",
     "FusionError": "errors",
     "IncompatibleModelsError": "errors",
@@ -55,7 +55,6 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .api import FusionReport, fuse
-    from .engine import Progress
     from .errors import (
         CancelledError,
         FusionError,
@@ -68,6 +67,7 @@ if TYPE_CHECKING:
     from .job import JobResult, fuse_job
     from .limits import Limits
     from .metrics import SCHEMA_VERSION as METRICS_SCHEMA_VERSION
+    from .progress import Progress
     from .spec import FusionSpec
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,12 +16,13 @@ from .activations import collect
 from .checkpoint import sha256_file
 from .data import load_data
 from .device import check_device
-from .engine import Engine, EngineResult, PlanRecord, Progress, check_attention_policy
+from .engine import Engine, EngineResult, PlanRecord, check_attention_policy
 from .errors import InputError, check_cancelled
 from .families import Layer, Merge, Tap
 from .limits import Limits
 from .modelcard import model_card
 from .models import ParentModel, check_compatible, open_parent
+from .progress import Progress
 from .spec import FusionSpec
 from .writer import check_output_dir, write_checkpoint
 
@@ -50,6 +51,12 @@ class Prepared:
     data: Path | None
     activations: dict | None
     seconds: float
+    # how the caller names the files it gave (e.g. the URIs a service's scratch copies came
+    # from): recorded in fusion.json instead of the local paths
+    names: dict[str, str] = field(default_factory=dict)
+
+    def name_of(self, path: str | Path | None) -> str | None:
+        return display_name(path, self.names)
 
 
 def fuse(
@@ -84,6 +91,7 @@ def prepare(
     allow_pickle: bool = False,
     limits: Limits | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> Prepared:
     """Open and check the parents (sizes under `limits`, configs matching their tensors,
     before anything is allocated) and collect the activations `spec` needs (once)."""
@@ -105,13 +113,16 @@ def prepare(
     if spec.needs_activations:
         if data is None:
             raise InputError(
-                f"alignment={spec.alignment}, residual={spec.residual} needs --data (activations)"
+                f"required for alignment={spec.alignment}, residual={spec.residual} "
+                "(inputs to collect activations on)",
+                field="data",
             )
         activations = _activations(
             parents, anchor, [n for _, n in nodes], spec, data, report, should_cancel
         )
     seconds = time.perf_counter() - started
-    return Prepared(parents, nodes, spec, Path(data) if data else None, activations, seconds)
+    data_path = Path(data) if data else None
+    return Prepared(parents, nodes, spec, data_path, activations, seconds, dict(names or {}))
 
 
 def fuse_prepared(
@@ -145,7 +156,7 @@ def fuse_prepared(
     )
     result = engine.run()
     seconds = time.perf_counter() - started + prepared.seconds
-    record = fusion_record(parents, anchor, spec, prepared.data, seconds, result, metrics)
+    record = fusion_record(prepared, anchor, spec, seconds, result, metrics)
     write_checkpoint(out, anchor, result.tensors, record, model_card(record))
     maps = _record_plans(engine) if keep_plans else None
     return FusionReport(out, spec, [str(p.path) for p in parents], seconds, result.plans, maps)
@@ -192,7 +203,14 @@ def _activations(
         raise InputError(f"{anchor.family.name}: residual policy {spec.residual} needs taps")
     result = {}
     for number, parent in enumerate(parents, 1):
-        report(Progress(0, 1, f"activations of model {number}/{len(parents)}"))
+        report(
+            Progress(
+                number - 1,
+                len(parents),
+                f"activations of model {number}/{len(parents)}",
+                unit="model",
+            )
+        )
         stream = spec.residual == "shared" and spec.alignment == "activations"
         wanted = merge_taps if parent is anchor or stream else []
         taps = list(dict.fromkeys(align_taps + [t for t in wanted if t is not None]))
@@ -210,7 +228,15 @@ def _activations(
     return result
 
 
-def fusion_record(parents, anchor, spec, data, seconds, result: EngineResult, metrics) -> dict:
+def display_name(path: str | Path | None, names: Mapping[str, str]) -> str | None:
+    """The caller's name for a path it gave (as given, or resolved), else the path."""
+    if path is None:
+        return None
+    key = str(Path(path))
+    return names.get(key) or names.get(str(Path(path).resolve())) or key
+
+
+def fusion_record(prepared: Prepared, anchor, spec, seconds, result: EngineResult, metrics):
     """The machine-readable recipe written as fusion.json."""
     import ot
     import safetensors
@@ -223,17 +249,25 @@ def fusion_record(parents, anchor, spec, data, seconds, result: EngineResult, me
         "architecture": anchor.architecture,
         "anchor": spec.anchor,
         "parents": [
-            {"index": p.index, "path": str(p.path), "files": p.checkpoint.file_hashes()}
-            for p in parents
+            {
+                "index": p.index,
+                "path": prepared.name_of(p.path),
+                "files": p.checkpoint.file_hashes(),
+            }
+            for p in prepared.parents
         ],
         "spec": spec.to_dict(),
-        "data": {"path": str(data), "sha256": sha256_file(Path(data))} if data else None,
+        "data": (
+            {"path": prepared.name_of(prepared.data), "sha256": sha256_file(prepared.data)}
+            if prepared.data
+            else None
+        ),
         "seconds": round(seconds, 3),
         "plans": [asdict(p) for p in result.plans],
         # stored dtypes read per parent; every tensor is fused in float32 and written in the
         # anchor's dtype
         "dtypes": {
-            "parents": [", ".join(result.dtypes[p.index]) for p in parents],
+            "parents": [", ".join(result.dtypes[p.index]) for p in prepared.parents],
             "compute": "float32",
             "written": ", ".join(result.dtypes[anchor.index]),
         },

@@ -8,10 +8,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from .api import Prepared, ProgressCallback, fuse_prepared
-from .engine import Progress
 from .errors import IncompatibleModelsError, check_cancelled
 from .evaluate import EvalSet, Scores, ensemble_scores, metrics_from_scores, model_scores
 from .metrics import ModelResult
+from .progress import Progress
 
 
 def parents_and_ensemble(
@@ -27,7 +27,15 @@ def parents_and_ensemble(
     results, members = [], []
     for i, folder in enumerate(parent_dirs):
         check_cancelled(should_cancel, "evaluation")
-        report(Progress(i, len(parent_dirs) + 1, f"evaluating parent {i + 1}/{len(parent_dirs)}"))
+        report(
+            Progress(
+                i,
+                len(parent_dirs) + 1,
+                f"evaluating parent {i + 1}/{len(parent_dirs)}",
+                stage="evaluating",
+                unit="model",
+            )
+        )
         scores: Scores = model_scores(folder, eval_set, device, should_cancel=should_cancel)
         members.append(scores)
         results.append(

@@ -13,12 +13,14 @@ def check_device(device: str) -> None:
     if kind == "cuda":
         count = torch.cuda.device_count()
         if count == 0:
-            raise InputError(f"device {device!r}: this machine has no CUDA device", field="device")
+            raise InputError(
+                f"this machine has no CUDA device (asked for {device})", field="device"
+            )
         if index and int(index) >= count:
             raise InputError(
-                f"device {device!r}: this machine has {count} CUDA device(s), "
-                f"cuda:0 to cuda:{count - 1}",
+                f"{device} is not one of this machine's {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1})",
                 field="device",
             )
     elif kind == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"device {device!r}: MPS is not available here", field="device")
+        raise InputError(f"MPS is not available here (asked for {device})", field="device")

@@ -24,6 +24,7 @@ from .errors import CancelledError, IncompatibleModelsError, InputError
 from .families import Attention, Layer, Merge, Node, Param, Tap, axis_spaces
 from .heads import HeadSet, head_matched_plans, output_plan
 from .models import ParentModel
+from .progress import Progress
 from .spec import FusionSpec
 from .transport import (
     apply_on_axis,
@@ -34,13 +35,6 @@ from .transport import (
     out_map,
     permutation_distance,
 )
-
-
-@dataclass
-class Progress:
-    step: int
-    total: int
-    detail: str
 
 
 @dataclass
@@ -76,14 +70,14 @@ def check_attention_policy(nodes: list[Node], spec: FusionSpec, anchor: ParentMo
     name = anchor.family.name
     if attention.rotary and spec.heads == "cross":
         raise InputError(
-            f"{name} uses rotary embeddings: --heads cross would move dimensions between "
-            "heads, which breaks them; use --heads matched",
+            f"{name} uses rotary embeddings: cross-head alignment would move dimensions "
+            "between heads, which breaks them; use matched heads",
             field="heads",
         )
     if attention.rotary and spec.qk == "free":
         raise InputError(
-            f"{name} uses rotary embeddings: --qk free would align query and key dimensions "
-            "inside heads, which breaks them (Q and K heads move whole); use --qk tied",
+            f"{name} uses rotary embeddings: free Q/K would align query and key dimensions "
+            "inside heads, which breaks them (Q and K heads move whole); use tied Q/K",
             field="qk",
         )
     if anchor.kv_heads != anchor.config_value("heads") and not attention.rotary:
@@ -152,7 +146,9 @@ class Engine:
             if block != previous:  # a block boundary: the place to stop or report
                 if self.should_cancel():
                     raise CancelledError("fusion cancelled")
-                self.progress(Progress(order.index(block), len(order), f"aligning {block}"))
+                self.progress(
+                    Progress(order.index(block), len(order), f"aligning {block}", unit="block")
+                )
                 previous = block
             if isinstance(node, Merge):
                 self._merge(node)
@@ -161,7 +157,7 @@ class Engine:
         if not emit:
             del self.records[first_record:]  # a refinement pass: only the final plans count
             return EngineResult({}, [])
-        self.progress(Progress(len(order), len(order), "aligned"))
+        self.progress(Progress(len(order), len(order), "aligned", unit="block"))
         for node in self.nodes:  # tied copies (LM heads) repeat their fused source
             if isinstance(node, Layer):
                 for param in node.params:

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +25,6 @@ import torch
 from .activations import load_live_model
 from .checkpoint import open_checkpoint
 from .data import LABELS, load_data
-from .engine import Progress
 from .errors import CancelledError, InputError
 from .evaluate import (
     language_model_labels,
@@ -37,43 +36,11 @@ from .evaluate import (
 from .families import resolve_family
 from .files import SIDE_FILES
 from .metrics import LANGUAGE_MODELING, FinetuneRun
+from .progress import Progress
+from .spec import FinetuneConfig
 from .writer import check_output_dir
 
 MAX_CURVE_POINTS = 500
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    steps: int | None = None
-    epochs: float | None = None
-    seconds: float | None = None
-    lr: float = 1e-4
-    batch_size: int = 32
-    warmup: float = 0.1  # fraction of the budget spent warming up linearly
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    device: str | None = None  # None: the job's device (fuse_job), else cpu
-
-    def validate(self) -> FinetuneConfig:
-        if self.steps is None and self.epochs is None and self.seconds is None:
-            return FinetuneConfig(**{**asdict(self), "epochs": 1.0}).validate()
-        if self.steps is not None and self.steps < 1:
-            raise InputError(f"--finetune-steps must be at least 1, not {self.steps}")
-        for name in ("epochs", "seconds"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise InputError(f"--finetune-{name} must be a positive number, not {value}")
-        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
-            raise InputError(f"--lr must be in (0, 1], not {self.lr}")
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, not {self.batch_size}")
-        if not 0 <= self.warmup < 1:
-            raise InputError(f"warmup must be a fraction in [0, 1), not {self.warmup}")
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -197,7 +164,16 @@ def finetune(
         losses.append((step, value))
         lrs.append((step, lr))
         total = max_steps or max(step, round(step / max(budget_used(), 1e-9)))
-        report(Progress(step, total, f"finetune {name}: step {step}/{total}, loss {value:.4f}"))
+        report(
+            Progress(
+                step,
+                total,
+                f"finetune {name}: step {step}/{total}, loss {value:.4f}",
+                stage="finetuning",
+                unit="step",
+                run=name,
+            )
+        )
 
     seconds = time.perf_counter() - started
     model.eval()

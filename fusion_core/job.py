@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from . import __version__
 from .api import FusionReport, ProgressCallback, prepare
 from .baselines import parents_and_ensemble, vanilla_fusion
 from .checkpoint import open_checkpoint
-from .engine import Progress
+from .contract import Point, check_job, parse_regs
 from .errors import InputError, check_cancelled
 from .evaluate import EvalSet, load_eval_set, metrics_from_scores, model_scores, task_of
 from .families import resolve_family
@@ -40,13 +40,12 @@ from .metrics import (
     Sweep,
     plan_diagnostics,
     primary_metric,
+    write_metrics,
 )
+from .progress import Progress
 from .spec import FusionSpec
-from .sweep import Point, parse_regs, run_sweep, save_transport_maps
+from .sweep import run_sweep, save_transport_maps
 from .writer import check_output_dir
-
-FINETUNE_BASELINES = ("vanilla",)
-StageCallback = Callable[[str], None]  # "aligning" | "evaluating" | "finetuning" | "writing"
 
 
 @dataclass
@@ -72,10 +71,11 @@ def fuse_job(
     save_maps: bool = False,
     report: bool = False,
     progress: ProgressCallback | None = None,
-    stage: StageCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     allow_pickle: bool = False,
     limits: Limits | None = None,
+    names: Mapping[str, str] | None = None,
+    extra_metrics: Callable[[dict], dict] | None = None,
 ) -> JobResult:
     """Fuse, sweep, evaluate against baselines, optionally finetune, write artifacts.
 
@@ -85,6 +85,10 @@ def fuse_job(
       compared; must differ from the calibration data.
     - `finetune_config` + `finetune_data`: heal the chosen fusion; `finetune_baselines`
       ("vanilla") finetunes vanilla fusion with the same budget for comparison.
+    - `names`: the caller's names for the paths it gave (a service's URIs for its scratch
+      copies), recorded in every artifact instead of the paths.
+    - `extra_metrics`: called with the metrics document just before it is written (once);
+      what it returns is added to it (a service's own fields).
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -92,29 +96,34 @@ def fuse_job(
     spec = (spec or FusionSpec()).validate(len(model_dirs))
     out = Path(out)
     check_output_dir(out)
-    points = parse_regs(regs) if regs is not None else [Point(spec.solver, spec.reg)]
-    if len(points) == 1 and points[0].solver == "emd":
+    reg = spec.reg if spec.solver == "sinkhorn" else None
+    points = parse_regs(regs) if regs is not None else [Point(spec.solver, reg)]
+    if points == [Point("emd")] or (len(points) == 1 and points[0].solver == "emd"):
         points = [Point("emd")]
-    unknown = sorted(set(finetune_baselines) - set(FINETUNE_BASELINES))
-    if unknown:
-        raise InputError(f"finetune baselines must be among {FINETUNE_BASELINES}, not {unknown}")
-    if finetune_config is not None and finetune_data is None:
-        raise InputError("a finetune needs --finetune-data (labelled inputs)")
-    if finetune_config is None and finetune_data is not None:
-        finetune_config = FinetuneConfig(device=spec.device)
     if finetune_config is not None:
         finetune_config = finetune_config.validate()
         if finetune_config.device is None:
             finetune_config = dataclasses.replace(finetune_config, device=spec.device)
-    if finetune_baselines and finetune_config is None:
-        raise InputError("finetune baselines need a finetune (--finetune-data)")
-    calib_file = calib_data if calib_data is not None else (data if len(points) > 1 else None)
-    if len(points) > 1 and calib_file is None:
-        raise InputError("a sweep over several regularizers needs --calib-data (or --data)")
+    # The job contract's rules, on resolved paths (two names of one file are one file).
+    chosen_on = check_job(
+        method=spec.method,
+        points=points,
+        needs_activations=spec.needs_activations,
+        activations=_resolved(data),
+        calibration=_resolved(calib_data),
+        eval_data=_resolved(eval_data),
+        finetune=finetune_config,
+        finetune_data=_resolved(finetune_data),
+        baselines=tuple(finetune_baselines),
+    )
+    calib_file = Path(chosen_on) if chosen_on is not None else None
 
     cancelled = should_cancel or (lambda: False)
     say = progress or (lambda _p: None)
-    enter = stage or (lambda _s: None)
+
+    def enter(stage: str, detail: str) -> None:  # a stage's first event
+        say(Progress(0, 1, detail, stage=stage))
+
     anchor_dir = model_dirs[spec.anchor]
     checkpoint = open_checkpoint(anchor_dir)
     _, architecture = resolve_family(checkpoint.config, where=f"{anchor_dir}: ")
@@ -128,8 +137,9 @@ def fuse_job(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".work", dir=out.parent))
     try:
         # 1. fuse once per point, keep the best on calibration data
-        enter("aligning")
-        prepared = prepare(model_dirs, spec, data, say, allow_pickle, limits, cancelled)
+        enter("aligning", "aligning")
+        prepared = prepare(model_dirs, spec, data, say, allow_pickle, limits, cancelled, names)
+        shown = prepared.name_of
         keep_plans = save_maps or report
         swept = run_sweep(
             prepared,
@@ -147,7 +157,7 @@ def fuse_job(
 
         # 2. baselines on the eval data
         _check(cancelled)
-        enter("evaluating")
+        enter("evaluating", "evaluating parents, ensemble and baselines")
         evaluation: list[ModelResult] = []
         vanilla_dir: Path | None = None
         vanilla_reason: str | None = None
@@ -178,7 +188,7 @@ def fuse_job(
         finetune_record = None
         if finetune_config is not None:
             _check(cancelled)
-            enter("finetuning")
+            enter("finetuning", "finetuning the fused model")
             runs = []
             jobs = [("fused", swept.folder, fused_metrics)]
             if "vanilla" in finetune_baselines:
@@ -217,12 +227,14 @@ def fuse_job(
 
         # 4. artifacts next to the published model, then publish atomically
         _check(cancelled)
-        enter("writing")
+        enter("writing", "writing metrics.json and artifacts")
         published_kind = "fused+finetune" if finetune_config is not None else "fused"
         evaluation.sort(key=lambda r: KINDS.index(r.kind))
         for result in evaluation:
             if result.kind == published_kind:
                 result.path = "."
+            elif result.path is not None:
+                result.path = shown(result.path)
         artifacts: dict[str, str] = {"model": "."}
         fusion = swept.report
         diagnostics = []
@@ -240,18 +252,18 @@ def fuse_job(
         metrics = Metrics(
             task=task,
             primary_metric=primary_metric(task),
-            models=[str(m) for m in model_dirs],
+            models=[shown(m) for m in model_dirs],
             anchor=spec.anchor,
             spec=fusion.spec.to_dict(),
             data={
-                "eval": _str(eval_data),
-                "calib": _str(calib_file),
-                "activations": _str(data),
-                "finetune": _str(finetune_data),
+                "eval": shown(eval_data),
+                "calib": shown(calib_file),
+                "activations": shown(data),
+                "finetune": shown(finetune_data),
             },
             evaluation=evaluation,
             sweep=Sweep(
-                _str(calib_file) or "",
+                shown(calib_file) or "",
                 primary_metric(task),
                 swept.points,
                 {"solver": chosen.solver, "reg": chosen.reg},
@@ -265,14 +277,16 @@ def fuse_job(
             published=published_kind,
             otfuse_version=__version__,
         )
-        metrics.write(published)
         document = metrics.to_dict()
+        if extra_metrics is not None:
+            document.update(extra_metrics(document))
+        write_metrics(published, document)
         _append_card(published / "README.md", document)
         if report:
             from .report import write_report
 
             write_report(document, published / REPORT_FILE, fusion.transport_maps)
-        say(Progress(1, 1, f"publishing {out}"))
+        say(Progress(1, 1, f"publishing {out}", stage="writing"))
         _check(cancelled)
         check_output_dir(out)
         published.chmod(0o755)  # mkdtemp made it private; a checkpoint folder is not
@@ -294,8 +308,8 @@ def _check(cancelled: Callable[[], bool]) -> None:
     check_cancelled(cancelled, "fusion job")
 
 
-def _str(path) -> str | None:
-    return str(path) if path is not None else None
+def _resolved(path) -> str | None:
+    return str(Path(path).resolve()) if path is not None else None
 
 
 def _append_card(card: Path, document: dict) -> None:

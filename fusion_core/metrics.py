@@ -117,9 +117,13 @@ class Metrics:
         return _clean(asdict(self))
 
     def write(self, folder: Path) -> Path:
-        path = Path(folder) / METRICS_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-        return path
+        return write_metrics(folder, self.to_dict())
+
+
+def write_metrics(folder: Path, document: dict) -> Path:
+    path = Path(folder) / METRICS_FILE
+    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    return path
 
 
 def plan_diagnostics(maps: dict[str, torch.Tensor], records: list) -> list[PlanDiagnostics]:

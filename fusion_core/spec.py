@@ -1,11 +1,12 @@
-"""The fusion recipe: every knob of the method, validated once."""
+"""The fusion recipe and the finetune budget: every knob, validated once (no torch here: the
+API process validates jobs with these)."""
 
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from .errors import InputError
 
@@ -16,12 +17,13 @@ Residual = Literal["average", "weighted-scalar", "weighted-matrix", "identity", 
 QK = Literal["tied", "free"]
 Heads = Literal["matched", "cross"]
 
-METHODS = ("ot", "vanilla")
-ALIGNMENTS = ("weights", "activations")
-SOLVERS = ("emd", "sinkhorn")
-RESIDUALS = ("average", "weighted-scalar", "weighted-matrix", "identity", "shared")
-QK_MODES = ("tied", "free")
-HEAD_MODES = ("matched", "cross")
+# The choices, defined once by the types above (the CLI's choices, the job spec's enums).
+METHODS: tuple[str, ...] = get_args(Method)
+ALIGNMENTS: tuple[str, ...] = get_args(Alignment)
+SOLVERS: tuple[str, ...] = get_args(Solver)
+RESIDUALS: tuple[str, ...] = get_args(Residual)
+QK_MODES: tuple[str, ...] = get_args(QK)
+HEAD_MODES: tuple[str, ...] = get_args(Heads)
 _WINDOW = re.compile(r"^window-(\d+)$")
 
 
@@ -49,23 +51,19 @@ class FusionSpec:
         _choice("qk", self.qk, QK_MODES)
         _choice("heads", self.heads, HEAD_MODES)
         if self.filter not in ("all", "cls") and not _WINDOW.match(self.filter):
-            raise InputError(
-                f"--filter must be all, cls or window-N, not {self.filter!r}", field="filter"
-            )
+            raise InputError(f"must be all, cls or window-N, not {self.filter!r}", field="filter")
         if num_models < 2:
             raise InputError(f"need at least 2 models to fuse, got {num_models}", field="models")
         if not 0 <= self.anchor < num_models:
             raise InputError(
-                f"--anchor {self.anchor} is out of range for {num_models} models", field="anchor"
+                f"{self.anchor} is out of range for {num_models} models", field="anchor"
             )
         if self.solver == "sinkhorn" and not (math.isfinite(self.reg) and self.reg > 0):
-            raise InputError(
-                f"--reg must be a positive number for Sinkhorn, not {self.reg}", field="reg"
-            )
+            raise InputError(f"must be a positive number for Sinkhorn, not {self.reg}", field="reg")
         if self.weights is not None:
             if len(self.weights) != num_models:
                 raise InputError(
-                    f"--weights has {len(self.weights)} values for {num_models} models",
+                    f"{len(self.weights)} values for {num_models} models",
                     field="weights",
                 )
             total = sum(self.weights)
@@ -73,15 +71,13 @@ class FusionSpec:
                 math.isfinite(total) and total > 0
             ):
                 raise InputError(
-                    "--weights must be non-negative numbers with a positive, finite sum",
+                    "must be non-negative numbers with a positive, finite sum",
                     field="weights",
                 )
         if self.samples < 1 or self.max_tokens < 1:
-            raise InputError("--samples must be at least 1", field="samples")
+            raise InputError("must be at least 1", field="samples")
         if not re.match(r"^(cpu|cuda(:\d+)?|mps)$", self.device):
-            raise InputError(
-                f"--device must be cpu or cuda[:N], not {self.device!r}", field="device"
-            )
+            raise InputError(f"must be cpu or cuda[:N], not {self.device!r}", field="device")
         return self
 
     @property
@@ -106,4 +102,45 @@ class FusionSpec:
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise InputError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}", field=name)
+        raise InputError(f"must be one of {', '.join(allowed)}, not {value!r}", field=name)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """A budgeted finetune: AdamW, linear warmup then cosine to 0; the first budget reached
+    (steps, epochs, seconds) stops it."""
+
+    steps: int | None = None
+    epochs: float | None = None
+    seconds: float | None = None
+    lr: float = 1e-4
+    batch_size: int = 32
+    warmup: float = 0.1  # fraction of the budget spent warming up linearly
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    device: str | None = None  # None: the job's device (fuse_job), else cpu
+
+    def validate(self) -> FinetuneConfig:
+        if self.steps is None and self.epochs is None and self.seconds is None:
+            return FinetuneConfig(**{**asdict(self), "epochs": 1.0}).validate()
+        if self.steps is not None and self.steps < 1:
+            raise InputError(f"steps must be at least 1, not {self.steps}", field="steps")
+        for name in ("epochs", "seconds"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise InputError(f"{name} must be a positive number, not {value}", field=name)
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise InputError(f"lr must be in (0, 1], not {self.lr}", field="lr")
+        if self.batch_size < 1:
+            raise InputError(
+                f"batch size must be at least 1, not {self.batch_size}", field="batch_size"
+            )
+        if not 0 <= self.warmup < 1:
+            raise InputError(
+                f"warmup must be a fraction in [0, 1), not {self.warmup}", field="warmup"
+            )
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -10,70 +10,20 @@ or causal) by calibration loss.
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .api import FusionReport, Prepared, ProgressCallback, fuse_prepared
-from .engine import Progress
+from .contract import Point
 from .errors import InputError
 from .evaluate import EvalSet, metrics_from_scores, model_scores
 from .metrics import LANGUAGE_MODELING, SweepPoint
-
-AUTO_REGS = (0.01, 0.023, 0.055, 0.13, 0.3)  # geomspace(0.01, 0.3, 5), rounded
-
-
-@dataclass(frozen=True)
-class Point:
-    solver: str  # "emd" | "sinkhorn"
-    reg: float | None = None  # Sinkhorn only
-
-    @property
-    def label(self) -> str:
-        return "emd" if self.solver == "emd" else f"sinkhorn reg={self.reg:g}"
-
-
-def auto_points() -> list[Point]:
-    return [Point("emd"), *(Point("sinkhorn", r) for r in AUTO_REGS)]
-
-
-def parse_regs(value: str | float | Sequence[str | float]) -> list[Point]:
-    """`"auto"`, a number, `"emd"`, or a list of them ("0.01,0.05,emd" or a JSON-like list).
-    Numbers are Sinkhorn regularizers (> 0); `emd` is the exact solver."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "auto":
-            return auto_points()
-        items: list = [v for v in text.replace(";", ",").split(",") if v.strip()]
-    elif isinstance(value, int | float):
-        items = [value]
-    else:
-        items = list(value)
-    if not items:
-        raise InputError("--reg needs a number, a comma-separated list, emd or auto")
-    points = []
-    for item in items:
-        if isinstance(item, str) and item.strip().lower() == "emd":
-            point = Point("emd")
-        elif isinstance(item, str) and item.strip().lower() == "auto":
-            points.extend(p for p in auto_points() if p not in points)
-            continue
-        else:
-            try:
-                reg = float(item)
-            except (TypeError, ValueError) as exc:
-                raise InputError(f"--reg: not a number, emd or auto: {item!r}") from exc
-            if not (math.isfinite(reg) and reg > 0):
-                raise InputError(f"--reg values must be positive numbers, not {item!r}")
-            point = Point("sinkhorn", reg)
-        if point not in points:
-            points.append(point)
-    return points
+from .progress import Progress
 
 
 def calibration_key(metrics: dict[str, float], task: str) -> tuple[float, ...]:
@@ -128,10 +78,9 @@ def run_sweep(
         started = time.perf_counter()
 
         def inner(p: Progress, i=i, point=point) -> None:
-            # step/total is the progress within point i; the detail names the point
-            # ("sweep i/n (...): ..."), which the service's worker parses: keep both as is
+            # step/total stay the progress within point i; the event says which point
             prefix = f"sweep {i + 1}/{len(points)} ({point.label}): " if len(points) > 1 else ""
-            report(Progress(p.step, p.total, prefix + p.detail))
+            report(replace(p, detail=prefix + p.detail, point=i, points=len(points)))
 
         fused = fuse_prepared(prepared, folder, spec, inner, should_cancel, keep_plans=keep_plans)
         seconds = time.perf_counter() - started

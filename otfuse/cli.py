@@ -12,6 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from fusion_core.contract import DEFAULT_REG, Finetune, Policy
+from fusion_core.spec import ALIGNMENTS, HEAD_MODES, METHODS, QK_MODES, RESIDUALS, SOLVERS
+
 from .service_cli import HANDLERS as SERVICE_HANDLERS
 from .service_cli import add_commands as add_service_commands
 
@@ -28,31 +31,16 @@ def _float_or_fail(value: str) -> float:
 
 
 def _reg_or_fail(value: str) -> float | str:
-    """A plain number stays a number (validated with the spec); anything else is a sweep."""
+    """A plain number stays a number; anything else is a sweep ("auto", "emd", a list),
+    checked with the job spec."""
     try:
         return float(value)
     except ValueError:
-        pass
-    from fusion_core import InputError
-    from fusion_core.sweep import parse_regs
-
-    try:
-        parse_regs(value)
-    except InputError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-    return value
+        return value
 
 
-JOB_FLAGS = (
-    "eval_data",
-    "calib_data",
-    "finetune_data",
-    "finetune_steps",
-    "finetune_epochs",
-    "finetune_seconds",
-    "save_transport_maps",
-    "report",
-)
+POLICY = Policy()  # the job contract's defaults are the flags' defaults
+FINETUNE = Finetune(steps=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,26 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fuse.add_argument(
         "--method",
-        choices=("ot", "vanilla"),
+        choices=METHODS,
         default="ot",
         help="ot: align then average (default); vanilla: plain averaging",
     )
     fuse.add_argument(
         "--alignment",
-        choices=("weights", "activations"),
-        default="weights",
+        choices=ALIGNMENTS,
+        default=POLICY.alignment,
         help="what the OT cost compares: weight rows (default) or activations on --data",
     )
     fuse.add_argument(
         "--solver",
-        choices=("emd", "sinkhorn"),
-        default="sinkhorn",
+        choices=SOLVERS,
+        default=POLICY.solver,
         help="emd: exact hard alignment; sinkhorn: soft alignment (default)",
     )
     fuse.add_argument(
         "--reg",
         type=_reg_or_fail,
-        default=0.05,
+        default=DEFAULT_REG,
         metavar="FLOAT|LIST|auto",
         help="Sinkhorn regularizer on the max-normalized cost (default 0.05; smaller is "
         "harder). A comma-separated list (numbers and/or emd) or auto (EMD and Sinkhorn "
@@ -107,29 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fuse.add_argument(
         "--residual",
-        default="average",
-        choices=("average", "weighted-scalar", "weighted-matrix", "identity", "shared"),
+        default=POLICY.residual,
+        choices=RESIDUALS,
         help="how TMs merge at residual additions (default average; weighted "
         "policies use the anchor's activations on --data; shared: one TM for the whole "
         "residual stream, which keeps each aligned model's function under hard alignment)",
     )
     fuse.add_argument(
         "--filter",
-        default="all",
+        default=POLICY.filter,
         metavar="all|cls|window-N",
         help="ViT tokens used as activation samples (default all)",
     )
     fuse.add_argument(
         "--qk",
-        choices=("tied", "free"),
-        default="tied",
+        choices=QK_MODES,
+        default=POLICY.qk,
         help="query and key share one TM (tied, default) or get their own; rotary models "
         "(Llama, Mistral, Qwen2) need tied: their Q/K heads move whole",
     )
     fuse.add_argument(
         "--heads",
-        choices=("matched", "cross"),
-        default="matched",
+        choices=HEAD_MODES,
+        default=POLICY.heads,
         help="matched (default): heads paired one to one (key/value groups first under "
         "grouped-query attention), dimensions aligned inside pairs; cross: the paper's "
         "cross-head alignment over all heads' dimensions (not for rotary models)",
@@ -158,15 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument(
         "--samples",
         type=int,
-        default=200,
+        default=POLICY.samples,
         metavar="N",
-        help="examples of --data used for activations (default 200)",
+        help=f"examples of --data used for activations (default {POLICY.samples})",
     )
     fuse.add_argument(
         "--device",
-        default="cpu",
-        metavar="cpu|cuda",
-        help="device for alignment and OT (default cpu)",
+        default=POLICY.device,
+        metavar="auto|cpu|cuda[:N]",
+        help="device for alignment, OT, evaluation and finetuning (default auto: cuda when "
+        "there is one)",
     )
     fuse.add_argument(
         "--allow-weights-only-pickle",
@@ -222,9 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="also finetune vanilla fusion with the same budget, for comparison",
     )
     job.add_argument(
-        "--lr", type=_float_or_fail, default=1e-4, help="finetune peak learning rate (1e-4)"
+        "--lr",
+        type=_float_or_fail,
+        default=FINETUNE.lr,
+        help=f"finetune peak learning rate ({FINETUNE.lr:g})",
     )
-    job.add_argument("--batch-size", type=int, default=32, help="finetune batch size (32)")
+    job.add_argument(
+        "--batch-size",
+        type=int,
+        default=FINETUNE.batch_size,
+        help=f"finetune batch size ({FINETUNE.batch_size})",
+    )
     job.add_argument(
         "--save-transport-maps",
         action="store_true",
@@ -262,104 +259,190 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _progress_printer(quiet: bool):
+    """Progress lines on stderr, from the events' typed fields (the detail says the rest)."""
     started = time.perf_counter()
+    last_stage = [""]
 
-    def show(progress) -> None:
-        if not quiet:
-            elapsed = time.perf_counter() - started
-            print(f"[{elapsed:6.1f}s] {progress.detail}", file=sys.stderr, flush=True)
+    def show(event) -> None:
+        if quiet:
+            return
+        elapsed = time.perf_counter() - started
+        if event.stage != last_stage[0]:
+            last_stage[0] = event.stage
+            print(f"[{elapsed:6.1f}s] -- {event.stage}", file=sys.stderr, flush=True)
+        print(f"[{elapsed:6.1f}s] {event.detail}", file=sys.stderr, flush=True)
 
     return show
 
 
+# The job spec's JSON fields -> this command's flags, to name the flag at fault.
+FLAGS = {
+    "models": "MODEL_DIR",
+    "anchor": "--anchor",
+    "method": "--method",
+    "policy.alignment": "--alignment",
+    "policy.solver": "--solver",
+    "policy.residual": "--residual",
+    "policy.filter": "--filter",
+    "policy.qk": "--qk",
+    "policy.heads": "--heads",
+    "policy.samples": "--samples",
+    "policy.device": "--device",
+    "regularizer": "--reg",
+    "weights": "--weights",
+    "data.activations": "--data",
+    "data.calibration": "--calib-data",
+    "data.eval": "--eval-data",
+    "data.finetune": "--finetune-data",
+    "finetune": "--finetune-steps/--finetune-epochs/--finetune-seconds",
+    "finetune.steps": "--finetune-steps",
+    "finetune.epochs": "--finetune-epochs",
+    "finetune.seconds": "--finetune-seconds",
+    "finetune.lr": "--lr",
+    "finetune.batch_size": "--batch-size",
+    "finetune.baselines": "--finetune-baselines",
+    "artifacts.transport_maps": "--save-transport-maps",
+    "artifacts.report": "--report",
+    "output": "--out",
+}
+
+
+def flag_of(field: str) -> str:
+    """The flag for a JSON field ("regularizer.2" is --reg's third value)."""
+    base = field.rsplit(".", 1)[0] if field.rsplit(".", 1)[-1].isdigit() else field
+    return FLAGS.get(field) or FLAGS.get(base) or field
+
+
+def job_spec(args: argparse.Namespace):
+    """The job these flags ask for, as the contract's JobSpec (the API's and the worker's
+    rules apply to it unchanged)."""
+    from fusion_core.contract import parse_job
+
+    def path(value) -> str | None:
+        return str(Path(value).resolve()) if value is not None else None
+
+    regularizer = args.reg
+    if isinstance(regularizer, str) and regularizer.strip().lower() not in ("auto", "emd"):
+        regularizer = [_number_or_word(item) for item in regularizer.split(",") if item.strip()]
+    budget = (args.finetune_steps, args.finetune_epochs, args.finetune_seconds)
+    finetune = None
+    wanted = args.finetune_data is not None or args.finetune_baselines
+    if wanted or any(v is not None for v in budget):
+        finetune = {
+            "steps": args.finetune_steps,
+            "epochs": args.finetune_epochs,
+            "seconds": args.finetune_seconds,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "baselines": args.finetune_baselines,
+        }
+        if all(v is None for v in budget) and args.finetune_data is not None:
+            finetune["epochs"] = 1.0  # the documented default budget
+    document = {
+        "models": [str(m) for m in args.models],
+        "anchor": args.anchor,
+        "method": args.method,
+        "policy": {
+            "alignment": args.alignment,
+            "solver": args.solver,
+            "residual": args.residual,
+            "filter": args.filter,
+            "qk": args.qk,
+            "heads": args.heads,
+            "samples": args.samples,
+            "device": args.device,
+        },
+        "regularizer": regularizer,
+        "weights": args.weights,
+        "data": {
+            "activations": path(args.data),
+            "calibration": path(args.calib_data),
+            "eval": path(args.eval_data),
+            "finetune": path(args.finetune_data),
+        },
+        "finetune": finetune,
+        "artifacts": {"transport_maps": args.save_transport_maps, "report": args.report},
+        "output": str(args.out),
+    }
+    return parse_job(document)
+
+
+def _number_or_word(item: str) -> float | str:
+    try:
+        return float(item)
+    except ValueError:
+        return item.strip().lower()
+
+
+def _device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _fuse(args: argparse.Namespace) -> int:
-    from fusion_core import FusionSpec, fuse
-
-    sweep = isinstance(args.reg, str)
-    spec = FusionSpec(
-        method=args.method,
-        alignment=args.alignment,
-        solver=args.solver,
-        reg=0.05 if sweep else args.reg,
-        residual=args.residual,
-        filter=args.filter,
-        qk=args.qk,
-        heads=args.heads,
-        anchor=args.anchor,
-        weights=tuple(args.weights) if args.weights else None,
-        samples=args.samples,
-        device=args.device,
-    )
-    if (
-        sweep
-        or args.finetune_baselines
-        or any(getattr(args, f) not in (None, False) for f in JOB_FLAGS)
-    ):
-        return _fuse_job(args, spec)
-    report = fuse(
-        args.models,
-        args.out,
-        spec,
-        data=args.data,
-        progress=_progress_printer(args.quiet),
-        allow_pickle=args.allow_weights_only_pickle,
-    )
-    if not args.quiet:
-        print(
-            f"fused {len(report.models)} models into {report.out} in {report.seconds:.1f}s",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def _fuse_job(args: argparse.Namespace, spec) -> int:
     import transformers
 
-    from fusion_core import InputError
-    from fusion_core.finetune import FinetuneConfig
+    from fusion_core import fuse
+    from fusion_core.contract import (
+        finetune_config,
+        fusion_spec,
+        reg_points,
+        regs_argument,
+        validate_job,
+    )
     from fusion_core.job import fuse_job
 
     transformers.utils.logging.disable_progress_bar()
-    if args.method != "ot":
-        raise InputError("evaluation, sweep and finetune flags need --method ot")
-    budget = (args.finetune_steps, args.finetune_epochs, args.finetune_seconds)
-    finetune = None
-    if args.finetune_data is not None or any(v is not None for v in budget):
-        finetune = FinetuneConfig(
-            steps=args.finetune_steps,
-            epochs=args.finetune_epochs,
-            seconds=args.finetune_seconds,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            device=args.device,
-        )
+    spec = validate_job(job_spec(args))
+    device = _device(spec.policy.device)
+    recipe = fusion_spec(spec, device)
     show = _progress_printer(args.quiet)
+    data = spec.data
+    plain = (
+        len(reg_points(spec)) == 1
+        and data.eval is None
+        and data.calibration is None
+        and spec.finetune is None
+        and not (spec.artifacts.report or spec.artifacts.transport_maps)
+    )
+    if plain:  # one fusion, no job around it
+        report = fuse(
+            spec.models,
+            args.out,
+            recipe,
+            data=data.activations,
+            progress=show,
+            allow_pickle=args.allow_weights_only_pickle,
+        )
+        if not args.quiet:
+            print(
+                f"fused {len(report.models)} models into {report.out} in {report.seconds:.1f}s",
+                file=sys.stderr,
+            )
+        return 0
     result = fuse_job(
-        args.models,
+        spec.models,
         args.out,
-        spec,
-        regs=args.reg if isinstance(args.reg, str) else None,
-        data=args.data,
-        eval_data=args.eval_data,
-        calib_data=args.calib_data,
-        finetune_config=finetune,
-        finetune_data=args.finetune_data,
-        finetune_baselines=args.finetune_baselines,
-        save_maps=args.save_transport_maps,
-        report=args.report,
+        recipe,
+        regs=regs_argument(spec),
+        data=data.activations,
+        eval_data=data.eval,
+        calib_data=data.calibration,
+        finetune_config=finetune_config(spec, device),
+        finetune_data=data.finetune,
+        finetune_baselines=spec.finetune.baselines if spec.finetune else (),
+        save_maps=spec.artifacts.transport_maps,
+        report=spec.artifacts.report,
         progress=show,
-        stage=lambda name: show(_Stage(name)),
         allow_pickle=args.allow_weights_only_pickle,
     )
     if not args.quiet:
         print(_summary(result.metrics), file=sys.stderr)
         print(f"wrote {result.out} ({', '.join(sorted(result.artifacts))})", file=sys.stderr)
     return 0
-
-
-class _Stage:
-    def __init__(self, name: str) -> None:
-        self.detail = f"stage: {name}"
 
 
 def _summary(metrics: dict) -> str:
@@ -408,7 +491,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except InputError as exc:
-        print(f"otfuse: error: {exc}", file=sys.stderr)
+        from fusion_core.contract import as_job_error
+
+        exc = as_job_error(exc)
+        where = f"{flag_of(exc.field)}: " if exc.field else ""
+        print(f"otfuse: error: {where}{exc.reason}", file=sys.stderr)
         return EXIT_INPUT
     except FusionError as exc:
         print(f"otfuse: error: {exc}", file=sys.stderr)

@@ -81,8 +81,9 @@ def _is_loopback(host: str) -> bool:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.app import create_app
-    from service.settings import Settings
+    from adapters.settings import Settings
+
+    from .server import build_app
 
     settings = Settings()
     if not settings.api_keys and not _is_loopback(args.host):
@@ -96,12 +97,12 @@ def serve(args: argparse.Namespace) -> int:
         + (f" (data in {settings.data_dir})" if settings.mode == "embedded" else ""),
         file=sys.stderr,
     )
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(build_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
 def worker(args: argparse.Namespace) -> int:
-    from service.settings import Settings
+    from adapters.settings import Settings
 
     if Settings().mode != "distributed":
         raise CommandError(

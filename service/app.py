@@ -1,5 +1,7 @@
-"""The FastAPI app factory. Adapters (job store, queue, storage) come from settings unless
-given, so tests and the embedded mode can pass their own."""
+"""The FastAPI app factory. The job store and storage come from settings unless given; the
+queue too in distributed mode (Celery). The embedded mode's queue is its in-process worker,
+which the service does not import: `otfuse.server.build_app` (the composition root) wires it
+in."""
 
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from adapters.settings import Settings
+from adapters.storage import Storage
+from adapters.store import make_store
+
 from . import problems
 from .bounds import BodyLimit
 from .metrics import LatencyMiddleware, Metrics
 from .routers import fusions, health
-from .settings import Settings
-from .storage import Storage
-from .store import make_store
 
 DESCRIPTION = """Fuse independently trained transformers with Optimal Transport.
 
@@ -25,34 +28,30 @@ and `metrics.json` under the job's `output` prefix. Errors are RFC 9457 problem 
 Authenticate with `Authorization: Bearer <API key>`."""
 
 
-def _warm_up() -> None:
-    import fusion_core  # noqa: F401  (first submit validates with it; import it early)
-
-    # torch and transformers leave ~10^6 long-lived objects: move them out of the cyclic
-    # GC's generations so full collections stop pausing request handling for tens of ms.
+def _settle() -> None:
+    # The imports leave many long-lived objects (in the embedded server, torch's too): move
+    # them out of the cyclic GC's generations so full collections stop pausing requests.
     gc.collect()
     gc.freeze()
-
-
-def make_queue(settings, store, storage):
-    if settings.mode == "distributed":
-        from .queue import CeleryQueue
-
-        return CeleryQueue(settings)
-    from worker.embedded import EmbeddedQueue  # the same pipeline, in a thread
-
-    return EmbeddedQueue(settings, store, storage)
 
 
 def create_app(settings: Settings | None = None, *, store=None, storage=None, queue=None):
     settings = settings or Settings()
     store = store or make_store(settings)
     storage = storage or Storage(settings)
-    queue = queue or make_queue(settings, store, storage)
+    if queue is None:
+        if settings.mode != "distributed":
+            raise ValueError(
+                "the embedded mode's queue is its in-process worker: build the app with "
+                "otfuse.server.build_app (or pass queue=)"
+            )
+        from adapters.queue import CeleryQueue
+
+        queue = CeleryQueue(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        threading.Thread(target=_warm_up, daemon=True).start()
+        threading.Thread(target=_settle, daemon=True).start()
         queue.start()
         try:
             yield

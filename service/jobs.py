@@ -7,12 +7,14 @@ import hashlib
 import json
 import math
 
-from .access import Access
-from .models import DONE, JobSpec
-from .problems import ProblemError
-from .storage import StorageError
-from .store import IdempotencyConflict, JobStore, new_job_id, now_iso
-from .validation import check_spec
+from adapters.access import Access
+from adapters.jobspec import check_spec, probe_inputs
+from adapters.storage import StorageError
+from adapters.store import DONE, IdempotencyConflict, JobStore, finish, new_job_id, now_iso
+from fusion_core.contract import JobSpec
+from fusion_core.errors import InputError
+
+from .problems import ProblemError, SpecError
 
 QUEUE_FULL_RETRY = 30  # seconds: a queued job takes at least that to start and finish
 
@@ -23,15 +25,25 @@ def fingerprint(spec: JobSpec) -> str:
 
 
 def submit(
-    spec: JobSpec, tenant: str, settings, store: JobStore, queue, idempotency_key: str | None
+    spec: JobSpec,
+    tenant: str,
+    settings,
+    store: JobStore,
+    queue,
+    storage,
+    idempotency_key: str | None,
 ) -> tuple[dict, bool]:
     """Within the tenant's submit rate and queue quota: validate, record, enqueue. Returns
     (job, created)."""
     original = fingerprint(spec)  # of the body as sent, before normalization
     check_quota(tenant, settings, store)
-    spec = check_spec(spec, settings, tenant)
     job_id = new_job_id()
-    output = spec.output or Access(settings).default_output(tenant, job_id)
+    try:
+        spec = check_spec(spec, settings, tenant)
+        probe_inputs(spec, storage)
+        output = spec.output or Access(settings).default_output(tenant, job_id)
+    except InputError as error:
+        raise SpecError(error.field or "body", error.reason) from None
     now = now_iso()
     job = {
         "id": job_id,
@@ -52,6 +64,7 @@ def submit(
         "cancel_requested": False,
         "error": None,
         "result": None,
+        "position": None,
     }
     try:
         job, created = store.create(job, (idempotency_key, original) if idempotency_key else None)
@@ -93,15 +106,6 @@ def check_quota(tenant: str, settings, store: JobStore) -> None:
             kind="queue-full",
             headers={"Retry-After": str(QUEUE_FULL_RETRY)},
         )
-
-
-def finish(job: dict, status: str, error: tuple[str, str] | None = None, detail: str = "") -> dict:
-    job["status"] = status
-    job["finished_at"] = now_iso()
-    job["detail"] = detail or status
-    if error:
-        job["error"] = {"type": error[0], "message": error[1]}
-    return job
 
 
 def cancel(job_id: str, store: JobStore) -> dict | None:

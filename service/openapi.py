@@ -9,10 +9,11 @@ import yaml
 
 
 def schema() -> dict:
+    from adapters.queue import Queue
+    from adapters.settings import Settings
+    from adapters.store import MemoryJobStore
+
     from .app import create_app
-    from .queue import Queue
-    from .settings import Settings
-    from .store import MemoryJobStore
 
     return create_app(Settings(), store=MemoryJobStore(), queue=Queue()).openapi()
 

@@ -28,10 +28,10 @@ def _hold(run, name_to_hold: str) -> None:
         time.sleep(0.05)
 
 
-def _held_progress(self, fraction, detail, force=False):
+def _held_progress(self, fraction, detail, *args, **kwargs):
     if self.stage == "aligning" and "layer" in detail:
         _hold(self, "hold")
-    return _progress(self, fraction, detail, force)
+    return _progress(self, fraction, detail, *args, **kwargs)
 
 
 def _held_download(self, spec, tenant, work):
@@ -51,7 +51,7 @@ pipeline.Run._stage_inputs = _held_download
 import os  # noqa: E402
 import signal  # noqa: E402
 
-from service import storage  # noqa: E402
+from adapters import storage  # noqa: E402
 
 _enter = pipeline.Run.enter
 _publish = storage.S3Backend.publish
@@ -68,13 +68,13 @@ def _killing_enter(self, stage, detail):
     return _enter(self, stage, detail)
 
 
-def _pausing_progress(self, fraction, detail, force=False):
+def _pausing_progress(self, fraction, detail, *args, **kwargs):
     job = self.store.get(self.job_id) or {}
     name = job.get("name") or ""
     if self.stage == "aligning" and name.startswith("pause-") and not getattr(self, "_paused", 0):
         self._paused = 1
         time.sleep(float(name.removeprefix("pause-")))
-    return _held_progress(self, fraction, detail, force)
+    return _held_progress(self, fraction, detail, *args, **kwargs)
 
 
 def _killing_publish(self, local, prefix, job_id, attempt):

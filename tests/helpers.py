@@ -83,7 +83,7 @@ BUCKET, MODELS = "otfuse", "models"  # the output bucket and a read-only source
 
 def settings_from_env(env: dict):
     """The Settings an API process with these OTFUSE_* variables would read."""
-    from service.settings import Settings
+    from adapters.settings import Settings
 
     return Settings(
         **{k.removeprefix("OTFUSE_").lower(): v for k, v in env.items() if k.startswith("OTFUSE_")}

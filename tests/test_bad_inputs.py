@@ -126,7 +126,10 @@ def test_decoders_that_cannot_be_fused(tmp_path, capsys, second, words):
 
 @pytest.mark.parametrize(
     "flags,words",
-    [(["--heads", "cross"], ["--heads cross", "rotary"]), (["--qk", "free"], ["--qk free"])],
+    [
+        (["--heads", "cross"], ["--heads:", "rotary", "cross-head"]),
+        (["--qk", "free"], ["--qk:", "free Q/K"]),
+    ],
 )
 def test_rotary_models_refuse_alignment_inside_query_key_heads(tmp_path, capsys, flags, words):
     models = [

@@ -6,31 +6,6 @@ import sys
 
 from factories import image_data, save, tiny_vit
 
-from otfuse.cli import build_parser
-
-FLAGS = [
-    "--out",
-    "--method",
-    "--alignment",
-    "--solver",
-    "--reg",
-    "--residual",
-    "--filter",
-    "--anchor",
-    "--weights",
-    "--data",
-    "--samples",
-    "--device",
-    "--qk",
-    "--heads",
-]
-
-
-def test_help_documents_every_flag():
-    text = build_parser()._subparsers._group_actions[0].choices["fuse"].format_help()
-    for flag in FLAGS:
-        assert flag in text
-
 
 def test_fuse_then_eval_through_the_console_script(tmp_path):
     folders = [save(tiny_vit(seed=s, layers=3), tmp_path / f"m{s}") for s in (1, 2, 3)]

@@ -146,25 +146,3 @@ def test_mlm_document_plots(tmp_path):
     assert set(made) == {"baselines", "sweep"} and all(p.startswith(PNG) for p in made.values())
     html = write_report(document, tmp_path / "r.html").read_text()
     assert "skipped: widths differ" in html and len(_images(html)) == 2
-
-
-def test_help_documents_the_job_flags():
-    from otfuse.cli import build_parser
-
-    text = build_parser()._subparsers._group_actions[0].choices["fuse"].format_help()
-    for flag in (
-        "--reg",
-        "auto",
-        "--eval-data",
-        "--calib-data",
-        "--finetune-data",
-        "--finetune-steps",
-        "--finetune-epochs",
-        "--finetune-seconds",
-        "--finetune-baselines",
-        "--lr",
-        "--batch-size",
-        "--save-transport-maps",
-        "--report",
-    ):
-        assert flag in text

@@ -5,7 +5,6 @@ import ot
 import pytest
 import torch
 
-from fusion_core.errors import FusionError
 from fusion_core.solvers import emd, sinkhorn, solve
 from fusion_core.transport import apply_on_axis, as_permutation, out_map
 
@@ -86,7 +85,6 @@ def test_sinkhorn_rejects_a_non_positive_regularizer():
 def test_plans_stay_on_the_cost_device():
     cost = torch.rand(8, 8)
     assert emd(cost).device == cost.device and sinkhorn(cost, 0.1).device == cost.device
-    assert isinstance(FusionError("x"), Exception)
 
 
 @pytest.mark.parametrize("solver", ["emd", "sinkhorn"])

@@ -21,10 +21,10 @@ import threading
 from celery import signals
 from celery.exceptions import Reject
 
-from service.queue import TASK_NAME, make_celery
-from service.settings import Settings
-from service.storage import Storage
-from service.store import make_store
+from adapters.queue import TASK_NAME, make_celery
+from adapters.settings import Settings
+from adapters.storage import Storage
+from adapters.store import make_store
 
 settings = Settings()
 app = make_celery(settings)

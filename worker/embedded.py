@@ -8,8 +8,8 @@ import os
 import queue
 import threading
 
-from service.models import DONE
-from service.queue import Queue
+from adapters.queue import Queue
+from adapters.store import DONE
 
 from .pipeline import DEFER_SECONDS, run_job
 from .recovery import Reaper

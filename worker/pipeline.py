@@ -22,11 +22,9 @@ import time
 import uuid
 from pathlib import Path
 
-from service.access import Access
-from service.jobs import finish
-from service.models import DONE, JobSpec
-from service.problems import SpecError
-from service.storage import (
+from adapters.access import Access
+from adapters.jobspec import DATA_FIELDS, check_spec
+from adapters.storage import (
     JOB_FILE,
     METRICS_FILE,
     StorageError,
@@ -35,14 +33,17 @@ from service.storage import (
     UnsafeInput,
     join,
 )
-from service.store import JobStore, now_iso
-from service.validation import (
-    check_spec,
+from adapters.store import DONE, JobStore, finish, now_iso
+from fusion_core.contract import (
+    JobSpec,
+    as_job_error,
     finetune_config,
     fusion_spec,
+    parse_job,
     reg_points,
     regs_argument,
 )
+from fusion_core.progress import Progress
 
 log = logging.getLogger("otfuse.worker")
 
@@ -57,17 +58,14 @@ STAGE_SPAN = {
 }
 UPDATE_EVERY = 0.2  # seconds between progress writes to the job store
 DEFER_SECONDS = 2.0  # a job whose tenant has all its running slots is delivered again after
-# fuse_job's stages -> the job record's, with a first detail ("writing" = metrics.json and
-# the report: the first part of publishing)
+# fuse_job's stages -> the job record's ("writing" metrics.json and the report is the first
+# part of publishing)
 STAGES = {
-    "aligning": ("aligning", "aligning"),
-    "evaluating": ("evaluating", "evaluating parents, ensemble and baselines"),
-    "finetuning": ("finetuning", "finetuning the fused model"),
-    "writing": ("uploading", "writing metrics.json and artifacts"),
+    "aligning": "aligning",
+    "evaluating": "evaluating",
+    "finetuning": "finetuning",
+    "writing": "uploading",
 }
-DATA_FIELDS = ("activations", "calibration", "eval", "finetune")
-SWEEP = re.compile(r"^sweep (\d+)/(\d+) ")
-FINETUNE = re.compile(r"^finetune (\w+): ")
 
 
 def stage_spans(points: int, evaluated: bool, finetune_runs: int) -> dict[str, tuple]:
@@ -107,16 +105,6 @@ def path_rewriter(paths: dict[str, str]):
     pattern = re.compile("|".join(re.escape(p) for p in ordered))
     targets = {p: paths[p].rstrip("/") for p in ordered}
     return lambda text: pattern.sub(lambda m: targets[m.group(0)], text)
-
-
-def rewrite_strings(value, rewrite):
-    if isinstance(value, str):
-        return rewrite(value)
-    if isinstance(value, list):
-        return [rewrite_strings(v, rewrite) for v in value]
-    if isinstance(value, dict):
-        return {k: rewrite_strings(v, rewrite) for k, v in value.items()}
-    return value
 
 
 class Stop(Exception):
@@ -201,7 +189,7 @@ class Run:
         self.check()
         self._close_stage()
         self.stage, self.stage_started = stage, time.perf_counter()
-        self._set(stage=stage, progress=self.spans[stage][0], detail=detail)
+        self._set(stage=stage, progress=self.spans[stage][0], detail=detail, position=None)
         self.last_write = time.perf_counter()
 
     def _close_stage(self) -> None:
@@ -214,12 +202,17 @@ class Run:
                 log.warning("could not record stage duration", exc_info=True)
             self.stage = None
 
-    def progress(self, fraction: float, detail: str, force: bool = False) -> None:
+    def progress(
+        self, fraction: float, detail: str, force: bool = False, position: dict | None = None
+    ) -> None:
+        """Overall progress from the fraction done of the current stage; `position` is the
+        event's typed fields (unit, step, total, point, points, run), kept in the record."""
         now = time.perf_counter()
         if not force and now - self.last_write < UPDATE_EVERY:
             return
         low, high = self.spans[self.stage]
-        self._set(progress=round(low + (high - low) * min(max(fraction, 0), 1), 4), detail=detail)
+        overall = round(low + (high - low) * min(max(fraction, 0), 1), 4)
+        self._set(progress=overall, detail=detail, position=position)
         self.last_write = now
 
     # -- cancellation ---------------------------------------------------------------------
@@ -369,7 +362,7 @@ class Run:
         transformers.utils.logging.disable_progress_bar()  # progress goes to the job record
         # Checked again with this worker's settings: its roots and buckets are what count
         # here, and a path may have changed since submit (a swapped symlink).
-        spec = check_spec(JobSpec.model_validate(job["spec"]), self.settings, job["tenant"])
+        spec = check_spec(parse_job(job["spec"]), self.settings, job["tenant"])
         requested = spec.policy.device
         device = resolve_device(self.settings.device if requested == "auto" else requested)
         fspec = fusion_spec(spec, device)
@@ -398,37 +391,15 @@ class Run:
             finetune_baselines=baselines,
             save_maps=spec.artifacts.transport_maps,
             report=spec.artifacts.report,
-            progress=self._on_progress,
-            stage=self._on_stage,
+            progress=self._on_event,
             should_cancel=self.should_stop,
             allow_pickle=self.settings.allow_pickle,
             limits=self.settings.limits,
+            names={path: uri.rstrip("/") for path, uri in self.local_paths.items()},
+            extra_metrics=self._service_metrics(spec, device, started, job_started),
         )
-        job_seconds = time.perf_counter() - job_started
         out = Path(result.out)
-
-        # fuse_job names the worker's copies; users know the URIs they sent.
-        rewrite = path_rewriter(self.local_paths)
-        metrics = rewrite_strings(result.metrics, rewrite)
-        for name in ("README.md", "report.html", "fusion.json"):
-            if (out / name).is_file():
-                text = (out / name).read_text()
-                (out / name).write_text(rewrite(text))
-        stages = dict(self.stage_seconds)  # so far; "uploading" goes on after this
-        if self.stage:
-            running = time.perf_counter() - self.stage_started
-            stages[self.stage] = stages.get(self.stage, 0) + running
-        metrics.update(self._summary(metrics, spec))
-        metrics.update(
-            {
-                "job_id": self.job_id,
-                "fusion_seconds": round(metrics.get("seconds", {}).get("fusion", 0.0), 3),
-                "job_seconds": round(job_seconds, 3),
-                "wall_seconds": round(time.perf_counter() - started, 3),
-                "stages": {k: round(v, 3) for k, v in stages.items()},
-                "device": device,
-            }
-        )
+        metrics = result.metrics
         as_run = {
             "job_id": self.job_id,
             "tenant": job["tenant"],
@@ -439,8 +410,27 @@ class Run:
             "created": now_iso(),
         }
         (out / JOB_FILE).write_text(json.dumps(as_run, indent=2) + "\n")
-        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         return out, metrics
+
+    def _service_metrics(self, spec: JobSpec, device: str, started: float, job_started: float):
+        """The service's fields of metrics.json, computed when fuse_job writes it."""
+
+        def fields(document: dict) -> dict:
+            stages = dict(self.stage_seconds)  # so far; "uploading" goes on after this
+            if self.stage:
+                running = time.perf_counter() - self.stage_started
+                stages[self.stage] = stages.get(self.stage, 0) + running
+            return {
+                **self._summary(document, spec),
+                "job_id": self.job_id,
+                "fusion_seconds": round(document.get("seconds", {}).get("fusion", 0.0), 3),
+                "job_seconds": round(time.perf_counter() - job_started, 3),
+                "wall_seconds": round(time.perf_counter() - started, 3),
+                "stages": {k: round(v, 3) for k, v in stages.items()},
+                "device": device,
+            }
+
+        return fields
 
     def _stage_inputs(
         self, spec: JobSpec, tenant: str, work: Path
@@ -478,7 +468,8 @@ class Run:
         parents = []
         for i, (uri, files) in enumerate(zip(spec.models, listed, strict=True)):
             self.check()
-            self.progress(done / max(total, 1), f"downloading model {i + 1}/{n}", force=True)
+            where = {"unit": "byte", "step": done, "total": total}
+            self.progress(done / max(total, 1), f"downloading model {i + 1}/{n}", True, where)
             backend = self.storage.backend(uri)
             folder = backend.fetch(uri, files, work / f"model-{i}", self.should_stop)
             self.local_paths[str(folder)] = uri
@@ -487,7 +478,8 @@ class Run:
         fetched: dict[str, Path] = {}
         for number, (uri, file) in enumerate(data_files.items()):
             self.check()
-            self.progress(done / max(total, 1), f"downloading {uri}", force=True)
+            where = {"unit": "byte", "step": done, "total": total}
+            self.progress(done / max(total, 1), f"downloading {uri}", True, where)
             dest = work / "data" / f"data-{number}.safetensors"
             fetched[uri] = self.storage.backend(uri).fetch_file(uri, file, dest, self.should_stop)
             self.local_paths[str(fetched[uri])] = uri
@@ -508,23 +500,23 @@ class Run:
         ]
         return {"fused": dict(rows["fused"]["metrics"]), "parents": parents}
 
-    # -- fuse_job's callbacks --------------------------------------------------------------
-    def _on_stage(self, name: str) -> None:
-        stage, detail = STAGES.get(name, ("uploading", name))
-        self.enter(stage, detail)
-
-    def _on_progress(self, p) -> None:
-        if self.stage not in ("aligning", "evaluating", "finetuning"):
+    # -- fuse_job's events ----------------------------------------------------------------
+    def _on_event(self, event: Progress) -> None:
+        """A typed progress event: a new stage enters it; the stage's fraction comes from the
+        event's fields (sweep point, finetune run, step of total)."""
+        stage = STAGES[event.stage]
+        if stage != self.stage:
+            self.enter(stage, event.detail)
+        if stage not in ("aligning", "evaluating", "finetuning"):
             return
-        fraction = p.step / max(p.total, 1)
-        if self.stage == "aligning" and (match := SWEEP.match(p.detail)):
-            i, points = int(match.group(1)), int(match.group(2))
-            fraction = (i - 1 + fraction) / max(points, 1)
-        elif self.stage == "finetuning" and (match := FINETUNE.match(p.detail)):
+        fraction = event.fraction
+        if event.points:
+            fraction = ((event.point or 0) + fraction) / event.points
+        elif event.run is not None:
             names = self.finetune_names
-            i = names.index(match.group(1)) if match.group(1) in names else 0
-            fraction = (i + fraction) / len(names)
-        self.progress(fraction, p.detail)
+            run = names.index(event.run) if event.run in names else 0
+            fraction = (run + fraction) / len(names)
+        self.progress(fraction, event.detail, position=event.position())
 
     def _succeed(self, job: dict, metrics: dict, output: str, names: list[str]) -> str:
         self._close_stage()
@@ -583,12 +575,10 @@ class Run:
             return "cancelled"
         if isinstance(exc, JobFailed):
             error = (exc.kind, str(exc))
-        elif isinstance(exc, SpecError):
-            error = ("input_error", exc.detail)
         elif isinstance(exc, UnsafeInput):
             error = ("input_error", str(exc))
-        elif isinstance(exc, fusion_core.InputError):
-            error = ("input_error", self._with_uris(str(exc)))
+        elif isinstance(exc, fusion_core.InputError):  # named at the spec's JSON path
+            error = ("input_error", self._with_uris(str(as_job_error(exc))))
         elif isinstance(exc, fusion_core.FusionError):
             error = ("fusion_error", self._with_uris(str(exc)))
         elif isinstance(exc, StorageError):

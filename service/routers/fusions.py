@@ -11,20 +11,13 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
+from adapters.store import DONE, decode_token, encode_token, peek
+from fusion_core.contract import EXAMPLE_SPEC, HEALED_EXAMPLE_SPEC, JobSpec
+
 from .. import jobs
 from ..auth import tenant, tenant_of
-from ..models import (
-    DONE,
-    EXAMPLE_SPEC,
-    HEALED_EXAMPLE_SPEC,
-    Job,
-    JobList,
-    JobSpec,
-    Problem,
-    Status,
-)
+from ..models import Job, JobList, Problem, Status
 from ..problems import ProblemError
-from ..store import decode_token, encode_token, peek
 
 router = APIRouter(prefix="/fusions", tags=["fusions"])
 _ID = re.compile(r"^[0-9a-f]{24}$")
@@ -299,7 +292,14 @@ async def submit(
 ):
     state = request.app.state
     job, _ = await run_in_threadpool(
-        jobs.submit, spec, who, state.settings, state.store, state.queue, idempotency_key
+        jobs.submit,
+        spec,
+        who,
+        state.settings,
+        state.store,
+        state.queue,
+        state.storage,
+        idempotency_key,
     )
     return JSONResponse(job, status_code=202, headers={"Location": f"/fusions/{job['id']}"})
 

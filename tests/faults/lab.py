@@ -187,9 +187,9 @@ class Lab:
     def client(self):
         from fastapi.testclient import TestClient
 
-        from service.app import create_app
+        from otfuse.server import build_app
 
-        return TestClient(create_app(self.settings))
+        return TestClient(build_app(self.settings))
 
     def start_api(self, port: int) -> subprocess.Popen:
         env = self.env | {"OTFUSE_DATA_DIR": str(self.root / "api")}

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from helpers import distributed_env, seed_buckets, worker_stack
 from security_stack import INPUT_CAP
 
-from service.app import create_app
+from otfuse.server import build_app
 
 
 @pytest.fixture(scope="session")
@@ -25,5 +25,5 @@ def attack_stack(redis_url, s3_endpoint, parents, tmp_path_factory):
 
 @pytest.fixture
 def api(attack_stack):
-    with TestClient(create_app(attack_stack["settings"])) as client:
+    with TestClient(build_app(attack_stack["settings"])) as client:
         yield client

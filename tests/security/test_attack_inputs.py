@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from helpers import BUCKET, MODELS, s3_keys
 from security_stack import ALICE, wait_done
 
-from service.app import create_app
-from service.settings import Settings
+from adapters.settings import Settings
+from otfuse.server import build_app
 
 MODELS_OK = [f"s3://{MODELS}/vit-0/", f"s3://{MODELS}/vit-1/"]
 
@@ -70,7 +70,7 @@ def test_an_output_that_is_a_file_fails_cleanly(tmp_path, parents):
     area.mkdir(parents=True)
     (area / "taken").write_text("mine")
     models = [f"file://{m}" for m in parents["models"]]
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         job = client.post("/fusions", json={"models": models, "output": f"file://{area}/taken"})
         job = wait_done(client, job.json()["id"], {})
     assert job["status"] == "failed" and job["error"]["type"] == "storage_error", job
@@ -97,7 +97,7 @@ def test_readiness_details_need_a_key(tmp_path):
         def stop(self):
             pass
 
-    with TestClient(create_app(settings, queue=DownQueue())) as client:
+    with TestClient(build_app(settings, queue=DownQueue())) as client:
         anonymous = client.get("/readyz")
         assert anonymous.status_code == 503
         assert set(anonymous.json()["checks"].values()) == {"error"}

@@ -24,11 +24,11 @@ from helpers import (
 )
 from security_stack import ALICE, BOB, wait_done
 
-from service.app import create_app
-from service.queue import Queue
-from service.settings import Settings
-from service.storage import S3Backend, StoredFile, TransferCancelled
-from service.store import RedisJobStore
+from adapters.queue import Queue
+from adapters.settings import Settings
+from adapters.storage import S3Backend, StoredFile, TransferCancelled
+from adapters.store import RedisJobStore
+from otfuse.server import build_app
 from worker import pipeline
 
 MODELS_OK = [f"s3://{MODELS}/vit-0/", f"s3://{MODELS}/vit-1/"]
@@ -178,7 +178,7 @@ def isolated(settings: Settings, **changes) -> Settings:
 
 def test_a_submit_flood_is_answered_429_with_retry_after(attack_stack):
     settings = isolated(attack_stack["settings"], submit_rate=2.0, submit_burst=5)
-    with TestClient(create_app(settings, queue=HeldQueue())) as client:
+    with TestClient(build_app(settings, queue=HeldQueue())) as client:
         codes = [
             client.post("/fusions", json={"models": MODELS_OK}, headers=ALICE) for _ in range(12)
         ]
@@ -195,7 +195,7 @@ def test_a_submit_flood_is_answered_429_with_retry_after(attack_stack):
 
 def test_a_tenant_s_waiting_jobs_are_capped(attack_stack):
     settings = isolated(attack_stack["settings"], max_queued_per_tenant=3)
-    with TestClient(create_app(settings, queue=HeldQueue())) as client:
+    with TestClient(build_app(settings, queue=HeldQueue())) as client:
         accepted = [
             client.post("/fusions", json={"models": MODELS_OK}, headers=ALICE) for _ in range(3)
         ]
@@ -212,10 +212,10 @@ def test_a_tenant_runs_at_most_its_running_slots(tmp_path, parents, monkeypatch)
     release = threading.Event()
     original = pipeline.Run.progress
 
-    def held(self, fraction, detail, force=False):
+    def held(self, fraction, detail, *args, **kwargs):
         if self.stage == "aligning" and "layer" in detail:
             release.wait(30)
-        return original(self, fraction, detail, force)
+        return original(self, fraction, detail, *args, **kwargs)
 
     monkeypatch.setattr(pipeline.Run, "progress", held)
     settings = Settings(
@@ -225,7 +225,7 @@ def test_a_tenant_runs_at_most_its_running_slots(tmp_path, parents, monkeypatch)
         max_running_per_tenant=1,
     )
     models = [f"file://{m}" for m in parents["models"]]
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         first = client.post("/fusions", json={"models": models}).json()["id"]
         wait_for(lambda: client.get(f"/fusions/{first}").json()["status"] == "running", 30, "1st")
         second = client.post("/fusions", json={"models": models}).json()["id"]

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from helpers import BUCKET, MODELS, s3_keys
 from security_stack import ALICE, BOB, INPUT_CAP, wait_done
 
-from service.app import create_app
-from service.settings import Settings
+from adapters.settings import Settings
+from otfuse.server import build_app
 
 
 def upload_model(s3, parents, prefix: str, index: int = 0) -> str:
@@ -57,15 +57,15 @@ def test_a_bucket_root_is_not_a_model(api, root):
 
 
 def test_a_prefix_without_a_config_is_refused(api, attack_stack, parents):
+    """At submit (one HEAD): the files are one level down, not a checkpoint folder."""
     s3 = attack_stack["s3"]
     prefix = f"noconfig-{uuid.uuid4().hex[:6]}"
-    upload_model(s3, parents, f"{prefix}/nested", 1)  # the files are one level down
-    job = api.post(
-        "/fusions", json=spec(f"s3://{MODELS}/vit-0/", f"s3://{MODELS}/{prefix}/"), headers=ALICE
-    ).json()
-    job = wait_done(api, job["id"], ALICE)
-    assert job["status"] == "failed" and job["error"]["type"] == "input_error"
-    assert "no config.json directly in this folder" in job["error"]["message"]
+    upload_model(s3, parents, f"{prefix}/nested", 1)
+    models = (f"s3://{MODELS}/vit-0/", f"s3://{MODELS}/{prefix}/")
+    response = api.post("/fusions", json=spec(*models), headers=ALICE)
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["field"] == "models.1"
+    assert "no config.json in this folder" in response.json()["detail"]
 
 
 def test_the_byte_cap_is_checked_before_anything_is_downloaded(api, attack_stack, parents, caplog):
@@ -112,7 +112,7 @@ def test_bob_writes_only_under_his_own_prefix(api, output):
 @pytest.fixture(scope="module")
 def alice_published(attack_stack, parents):
     """A job of alice's that succeeded: its checkpoint is under fusions/alice/."""
-    with TestClient(create_app(attack_stack["settings"])) as client:
+    with TestClient(build_app(attack_stack["settings"])) as client:
         models = (f"s3://{MODELS}/vit-0/", f"s3://{MODELS}/vit-1/")
         job = client.post("/fusions", json=spec(*models), headers=ALICE).json()
         job = wait_done(client, job["id"], ALICE)
@@ -186,7 +186,7 @@ def embedded(tmp_path, parents):
     root = tmp_path / "root"
     root.mkdir()
     settings = Settings(data_dir=tmp_path / "service", file_roots=[root, parents["root"]])
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         yield client, root, tmp_path
 
 

@@ -11,9 +11,9 @@ import yaml
 from fastapi.testclient import TestClient
 from test_api_embedded import HeldQueue
 
-from service.app import create_app
+from adapters.settings import Settings
+from otfuse.server import build_app
 from service.openapi import render
-from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def client(tmp_path, parents):
     settings = Settings(data_dir=tmp_path / "svc", file_roots=[parents["root"]], max_models=3)
-    with TestClient(create_app(settings, queue=HeldQueue())) as client:
+    with TestClient(build_app(settings, queue=HeldQueue())) as client:
         yield client
 
 
@@ -192,7 +192,7 @@ def keyed(tmp_path, parents):
         file_roots=[parents["root"]],
         api_keys="key-alice:alice,key-bob-0:bob",
     )
-    with TestClient(create_app(settings, queue=HeldQueue())) as client:
+    with TestClient(build_app(settings, queue=HeldQueue())) as client:
         yield client
 
 

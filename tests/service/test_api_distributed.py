@@ -28,7 +28,7 @@ from helpers import (
 )
 from test_api_embedded import HeldQueue
 
-from service.app import create_app
+from otfuse.server import build_app
 
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"Authorization": "Bearer key-bob-0"}
@@ -48,7 +48,7 @@ def stack(redis_url, s3_endpoint, parents, tmp_path_factory):
 
 @pytest.fixture
 def api(stack):
-    with TestClient(create_app(stack["settings"])) as client:
+    with TestClient(build_app(stack["settings"])) as client:
         yield client
 
 
@@ -117,13 +117,31 @@ def test_distributed_end_to_end(api, stack, tmp_path):
     assert [p["path"] for p in record["parents"]] == metrics["models"]
 
 
-def test_distributed_failure_names_the_uri(api, stack):
+def test_a_missing_model_is_a_422_at_submit(api):
     spec = body(models=[f"s3://{MODELS}/vit-0/", f"s3://{MODELS}/missing/"])
-    job = wait_done(api, api.post("/fusions", json=spec, headers=ALICE).json()["id"])
-    assert job["status"] == "failed"
-    assert job["error"]["type"] == "storage_error"
-    assert f"s3://{MODELS}/missing/" in job["error"]["message"]
-    assert keys(stack["s3"], BUCKET, f"fusions/alice/{job['id']}/") == []
+    response = api.post("/fusions", json=spec, headers=ALICE)
+    assert response.status_code == 422 and response.json()["errors"][0]["field"] == "models.1"
+    assert f"s3://{MODELS}/missing/" in response.json()["detail"]
+
+
+def test_a_model_gone_before_the_job_runs_fails_naming_the_uri(stack, parents):
+    s3, settings = stack["s3"], stack["settings"]
+    prefix = f"vanishing-{uuid.uuid4().hex[:6]}"
+    for file in parents["models"][1].iterdir():
+        s3.upload_file(str(file), MODELS, f"{prefix}/{file.name}")
+    spec = body(models=[f"s3://{MODELS}/vit-0/", f"s3://{MODELS}/{prefix}/"])
+    with TestClient(build_app(settings, queue=HeldQueue())) as held:
+        job = held.post("/fusions", json=spec, headers=ALICE).json()  # checked: it is there
+    for key in keys(s3, MODELS, f"{prefix}/"):
+        s3.delete_object(Bucket=MODELS, Key=key)
+    from adapters.queue import CeleryQueue
+
+    CeleryQueue(settings).enqueue(job["id"])
+    with TestClient(build_app(settings)) as api:
+        job = wait_done(api, job["id"])
+    assert job["status"] == "failed" and job["error"]["type"] == "storage_error", job
+    assert f"s3://{MODELS}/{prefix}/" in job["error"]["message"]
+    assert keys(s3, BUCKET, f"fusions/alice/{job['id']}/") == []
 
 
 def test_distributed_bad_checkpoint_error_names_the_s3_uri(api, stack, tmp_path):
@@ -153,15 +171,15 @@ def test_distributed_cancel_running(api, stack):
 
 def test_distributed_cancel_queued_never_runs(stack):
     settings = stack["settings"]
-    with TestClient(create_app(settings, queue=HeldQueue())) as held:
+    with TestClient(build_app(settings, queue=HeldQueue())) as held:
         job = held.post("/fusions", json=body(), headers=ALICE).json()
         assert held.post(f"/fusions/{job['id']}:cancel", headers=ALICE).json()["status"] == (
             "cancelled"
         )
-    from service.queue import CeleryQueue
+    from adapters.queue import CeleryQueue
 
     CeleryQueue(settings).enqueue(job["id"])  # a late delivery reaches the worker
-    with TestClient(create_app(settings)) as api:
+    with TestClient(build_app(settings)) as api:
         wait_for(lambda: f"job {job['id']}: skipped" in stack["log"].read_text(), 30, "delivery")
         final = api.get(f"/fusions/{job['id']}", headers=ALICE).json()
     assert final["status"] == "cancelled" and final["attempts"] == 0
@@ -188,7 +206,7 @@ def test_killed_worker_job_is_redelivered_and_written_once(api, stack):
 
 
 def test_redis_store_idempotency_and_tenants(stack):
-    with TestClient(create_app(stack["settings"], queue=HeldQueue())) as held:
+    with TestClient(build_app(stack["settings"], queue=HeldQueue())) as held:
         headers = ALICE | {"Idempotency-Key": f"k-{uuid.uuid4().hex}"}
         first = held.post("/fusions", json=body(), headers=headers)
         again = held.post("/fusions", json=body(), headers=headers)
@@ -225,7 +243,7 @@ def test_s3_validation(api):
 
 
 def test_s3_publish_is_multipart_for_large_files_and_round_trips(stack, tmp_path):
-    from service.storage import S3Backend
+    from adapters.storage import S3Backend
 
     settings = stack["settings"].model_copy(update={"multipart_threshold_mb": 5})
     backend = S3Backend(settings)

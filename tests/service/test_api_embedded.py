@@ -13,9 +13,9 @@ import transformers
 from fastapi.testclient import TestClient
 from helpers import wait_for
 
-from service.app import create_app
-from service.queue import Queue
-from service.settings import Settings
+from adapters.queue import Queue
+from adapters.settings import Settings
+from otfuse.server import build_app
 from worker import pipeline
 from worker.pipeline import inline_metrics
 
@@ -40,7 +40,7 @@ def make_client(tmp_path: Path, parents, queue=None, **overrides) -> TestClient:
         tenant_prefixes={"local": [f"file://{tmp_path}/"]},
         **overrides,
     )
-    return TestClient(create_app(settings, queue=queue))
+    return TestClient(build_app(settings, queue=queue))
 
 
 def spec(parents, **extra) -> dict:
@@ -164,11 +164,11 @@ def test_cancel_running_stops_at_a_layer_boundary(tmp_path, parents, monkeypatch
     entered, release = threading.Event(), threading.Event()
     original = pipeline.Run.progress
 
-    def gated(self, fraction, detail, force=False):
+    def gated(self, fraction, detail, *args, **kwargs):
         if self.stage == "aligning" and "layer" in detail:
             entered.set()
             release.wait(30)  # hold the job inside a layer until the test cancelled it
-        return original(self, fraction, detail, force)
+        return original(self, fraction, detail, *args, **kwargs)
 
     monkeypatch.setattr(pipeline.Run, "progress", gated)
     out = tmp_path / "cancelled-out"

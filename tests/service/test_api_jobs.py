@@ -177,12 +177,12 @@ def test_cancel_during_finetune_publishes_nothing(tmp_path, parents, datasets, m
     entered, release = threading.Event(), threading.Event()
     original = pipeline.Run.progress
 
-    def gated(self, fraction, detail, force=False):
+    def gated(self, fraction, detail, *args, **kwargs):
         if self.stage == "finetuning" and "step 2/" in detail:
             original(self, fraction, detail, force=True)
             entered.set()
             release.wait(30)  # hold the finetune until the test cancelled it
-        return original(self, fraction, detail, force)
+        return original(self, fraction, detail, *args, **kwargs)
 
     monkeypatch.setattr(pipeline.Run, "progress", gated)
     out = tmp_path / "healed"

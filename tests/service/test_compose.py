@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.settings import Settings
+from adapters.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"

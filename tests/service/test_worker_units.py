@@ -11,12 +11,13 @@ import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
 import fusion_core
+from adapters.queue import QUEUE_NAME, make_celery
+from adapters.settings import Settings
+from adapters.storage import Storage
+from adapters.store import MemoryJobStore
+from fusion_core.contract import JobSpec
+from fusion_core.progress import Progress
 from service.jobs import submit
-from service.models import JobSpec
-from service.queue import QUEUE_NAME, make_celery
-from service.settings import Settings
-from service.storage import Storage
-from service.store import MemoryJobStore
 from worker import pipeline
 from worker.recovery import requeue_stale
 
@@ -34,7 +35,7 @@ def env(tmp_path, parents):
     settings = Settings(data_dir=tmp_path / "svc", file_roots=[parents["root"]], max_attempts=2)
     store, storage, queue = MemoryJobStore(), Storage(settings), Sent()
     spec = JobSpec(models=[f"file://{m}" for m in parents["models"]])
-    job, _ = submit(spec, "local", settings, store, queue, None)
+    job, _ = submit(spec, "local", settings, store, queue, storage, None)
     return settings, store, storage, job["id"]
 
 
@@ -94,7 +95,7 @@ def test_soft_time_limit_fails_the_job_cleanly(env, monkeypatch):
     _settings, store, _storage, job_id = env
 
     def slow(*a, **k):
-        k["stage"]("aligning")
+        k["progress"](Progress(0, 12, "aligning layer 1/12", unit="block"))
         raise SoftTimeLimitExceeded()
 
     monkeypatch.setattr(fusion_core, "fuse_job", slow)
@@ -154,19 +155,18 @@ def test_worker_parent_does_not_import_torch():
 
 
 def test_job_spec_defaults_match_fusion_core():
-    """The API's defaults are explicit in its contract; they follow fusion_core's. When
-    FusionSpec's defaults change, change service/models.py (and openapi.yaml) with them."""
+    """The contract's defaults are explicit in its schema; they follow FusionSpec's. When
+    those change, change fusion_core/contract.py (and openapi.yaml) with them."""
     from fusion_core import FusionSpec
-    from service.validation import fusion_spec
+    from fusion_core.contract import fusion_spec
 
     ours = fusion_spec(JobSpec(models=["file:///a/", "file:///b/"]), "cpu")
     assert ours == FusionSpec()
 
 
 def test_finetune_defaults_match_fusion_core():
-    from fusion_core.finetune import FinetuneConfig
-    from service.models import Finetune
-    from service.validation import finetune_config
+    from fusion_core.contract import Finetune, finetune_config
+    from fusion_core.spec import FinetuneConfig
 
     spec = JobSpec(
         models=["file:///a/", "file:///b/"],

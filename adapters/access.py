@@ -20,7 +20,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .problems import SpecError
+from fusion_core.errors import InputError
+
 from .storage import TMP_PREFIX, parse_uri
 
 # Tenant names become path segments of storage prefixes.
@@ -43,26 +44,26 @@ class Area:
 
 def normalize(field: str, uri: str, folder: bool) -> str:
     """`s3://bucket/key` (folders end with /) or `file:///resolved/path` (folders end with /).
-    Raises SpecError naming `field` for anything else."""
+    Raises InputError at `field` for anything else."""
     try:
         scheme, bucket, path = parse_uri(uri)
     except ValueError as exc:
-        raise SpecError(field, str(exc).split(": ", 1)[-1] + f" (got {uri!r})") from None
+        raise InputError(f"{exc} (got {uri!r})", field) from None
     if scheme == "s3":
         if not bucket:
-            raise SpecError(field, f"{uri}: no bucket")
+            raise InputError(f"{uri}: no bucket", field)
         # Keys are opaque to S3, but not to every S3-compatible server or to the prefix
         # checks here: no `.`, `..` or empty segments.
         segments = path.rstrip("/").split("/") if path.rstrip("/") else []
         if any(part in ("", ".", "..") for part in segments) or "\\" in path:
-            raise SpecError(field, f"{uri}: the key must be a plain path (no ., .. or //)")
+            raise InputError(f"{uri}: the key must be a plain path (no ., .. or //)", field)
         if not folder and (not path or path.endswith("/")):
-            raise SpecError(field, f"{uri}: names a folder, not a file")
+            raise InputError(f"{uri}: names a folder, not a file", field)
         if folder:
             path = path.rstrip("/") + "/" if path else ""
         return f"s3://{bucket}/{path}"
     if not path.startswith("/"):
-        raise SpecError(field, f"{uri}: file URIs need an absolute path")
+        raise InputError(f"{uri}: file URIs need an absolute path", field)
     resolved = Path(path).resolve()
     return f"file://{resolved}/" if folder else f"file://{resolved}"
 
@@ -95,7 +96,7 @@ class Access:
         if settings.bucket:
             return f"s3://{settings.bucket}/fusions/{tenant}/{job_id}/"
         if settings.mode == "distributed":
-            raise SpecError("output", "required: the server has no default bucket (OTFUSE_BUCKET)")
+            raise InputError("required: the server has no default bucket (OTFUSE_BUCKET)", "output")
         return f"file://{Path(settings.data_dir).resolve()}/artifacts/{tenant}/{job_id}/"
 
     # -- the checks --------------------------------------------------------------------------
@@ -110,16 +111,16 @@ class Access:
         return any(area.contains(uri) for area in self.own(tenant))
 
     def check_read(self, field: str, tenant: str, uri: str, folder: bool) -> str:
-        """The normalized URI of an input the tenant may read, else SpecError at `field`."""
+        """The normalized URI of an input the tenant may read, else an InputError at `field`."""
         normalized = normalize(field, uri, folder)
         self._check_scheme(field, normalized)
         if folder and normalized.startswith("s3://") and normalized.count("/") <= 3:
-            raise SpecError(field, f"{uri}: names a bucket root; name the checkpoint's folder")
+            raise InputError(f"{uri}: names a bucket root; name the checkpoint's folder", field)
         if not self.readable(tenant, normalized):
-            raise SpecError(
-                field,
+            raise InputError(
                 f"{uri}: not readable by this tenant (inputs come from the server's read-only "
                 "sources or your own prefix)",
+                field,
             )
         return normalized
 
@@ -128,9 +129,9 @@ class Access:
         self._check_scheme(field, normalized)
         if not self.writable(tenant, normalized):
             areas = ", ".join(area.uri for area in self.own(tenant)) or "none"
-            raise SpecError(field, f"{uri}: outputs go under your own prefix ({areas})")
+            raise InputError(f"{uri}: outputs go under your own prefix ({areas})", field)
         return normalized
 
     def _check_scheme(self, field: str, uri: str) -> None:
         if uri.startswith("s3://") and not self.settings.s3_enabled:
-            raise SpecError(field, "s3:// URIs need S3 configured on the server")
+            raise InputError("s3:// URIs need S3 configured on the server", field)

@@ -61,20 +61,21 @@ class StoredFile:
 
 
 def parse_uri(uri: str) -> tuple[str, str, str]:
-    """`s3://b/k` -> ("s3", "b", "k"); `file:///p` -> ("file", "", "/p")."""
+    """`s3://b/k` -> ("s3", "b", "k"); `file:///p` -> ("file", "", "/p").
+    Raises ValueError saying what is wrong (the caller names the URI)."""
     if _CONTROL.search(uri):
-        raise ValueError(f"{uri!r}: control characters are not allowed in URIs")
+        raise ValueError("control characters are not allowed in URIs")
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         return "s3", parsed.netloc, parsed.path.lstrip("/")
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"{uri}: file URIs name a local path (file:///...)")
+            raise ValueError("file URIs name a local path (file:///...)")
         path = unquote(parsed.path)
         if _CONTROL.search(path):
-            raise ValueError(f"{uri!r}: control characters are not allowed in paths")
+            raise ValueError("control characters are not allowed in paths")
         return "file", "", path
-    raise ValueError(f"{uri}: scheme must be s3:// or file://")
+    raise ValueError("scheme must be s3:// or file://")
 
 
 def join(prefix: str, name: str) -> str:
@@ -137,6 +138,10 @@ class LocalBackend:
 
     def fetch_file(self, uri: str, file: StoredFile, dest: Path, should_stop: ShouldStop):
         return Path(file.location)  # read in place: resolved and checked by stat_file
+
+    def exists(self, uri: str, folder: bool) -> bool:
+        path = Path(parse_uri(uri)[2])
+        return (path / CONFIG_FILE).is_file() if folder else path.is_file()
 
     def read_json(self, uri: str) -> dict | None:
         path = Path(parse_uri(uri)[2])
@@ -205,6 +210,20 @@ class S3Backend:
         config = Config(signature_version="s3v4", s3=style, retries=retries)
         kwargs = {"region_name": settings.s3_region, "config": config}
         self._client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, **kwargs)
+        # Submit-time probes: one quick try, so a store that is down does not stall a request.
+        quick = Config(
+            signature_version="s3v4",
+            s3=style,
+            retries={"mode": "standard", "max_attempts": 1},
+            connect_timeout=3,
+            read_timeout=5,
+        )
+        self._probe = boto3.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region_name=settings.s3_region,
+            config=quick,
+        )
         public = settings.s3_public_endpoint_url or settings.s3_endpoint_url
         self._signer = boto3.client("s3", endpoint_url=public, **kwargs)
         mb = 1024 * 1024
@@ -289,6 +308,21 @@ class S3Backend:
             if should_stop():
                 raise TransferCancelled(uri) from exc
             raise self._error(uri, exc) from exc
+
+    def exists(self, uri: str, folder: bool) -> bool:
+        from botocore.exceptions import ClientError
+
+        _, bucket, key = parse_uri(uri)
+        key = key.rstrip("/") + "/" + CONFIG_FILE if folder else key
+        try:
+            self._probe.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._error(uri, exc) from exc
+        except Exception as exc:
+            raise self._error(uri, exc) from exc
+        return True
 
     def read_json(self, uri: str) -> dict | None:
         from botocore.exceptions import ClientError

@@ -128,16 +128,17 @@ class Settings(BaseSettings):
     @field_validator("tenant_prefixes")
     @classmethod
     def _normalize_prefixes(cls, prefixes):
+        from fusion_core.errors import InputError
+
         from .access import normalize
-        from .problems import SpecError
 
         try:
             return {
                 tenant: [normalize("OTFUSE_TENANT_PREFIXES", uri, folder=True) for uri in uris]
                 for tenant, uris in prefixes.items()
             }
-        except SpecError as exc:
-            raise ValueError(exc.detail) from None
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("allowed_buckets", "file_roots", mode="before")
     @classmethod

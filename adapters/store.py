@@ -18,10 +18,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .models import DONE
-
 Change = Callable[[dict], dict | None]
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+DONE: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 STAGE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, float("inf"))
 
 
@@ -161,6 +160,16 @@ class JobStore:
 
     async def aclose(self) -> None:
         pass
+
+
+def finish(job: dict, status: str, error: tuple[str, str] | None = None, detail: str = "") -> dict:
+    """A record's end: status, finish time, detail, and the error {type, message}."""
+    job["status"] = status
+    job["finished_at"] = now_iso()
+    job["detail"] = detail or status
+    if error:
+        job["error"] = {"type": error[0], "message": error[1]}
+    return job
 
 
 def _epoch(stamp: str) -> float:
