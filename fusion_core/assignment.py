@@ -4,14 +4,12 @@ With n model and n anchor neurons of mass 1/n each, an optimal transport plan is
 permutation (Birkhoff), so exact EMD is a linear assignment problem. It is solved by the
 Jonker-Volgenant shortest augmenting path algorithm (lapx's Rust LAPJV), an exact primal-dual
 method that keeps its potentials and path lengths in float64 even for float32 costs: the
-result is optimal for the given costs up to float64 rounding, like scipy's solver, and 6-10x
-faster than it on the nearly uniform costs of random-init 3072-wide layers. Batches run on
-as many threads as torch uses.
+result is optimal for the given costs up to float64 rounding, like scipy's solver, and about
+10x faster than it on the nearly uniform costs of random-init 3072-wide layers. Batches run
+on as many threads as torch uses.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -28,13 +26,20 @@ def assign(cost: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"linear assignment needs square costs, got {n}x{m}")
     if cost.numel() == 0:
         return torch.zeros(*batch, n, dtype=torch.long, device=cost.device)
-    # NaN or inf anywhere shows in the extremes: one pass, no mask allocated.
-    if not all(math.isfinite(float(x)) for x in torch.aminmax(cost)):
-        raise FusionError(f"exact OT got a {n}x{m} cost with non-finite entries")
-    work = cost.detach().to("cpu")
+    work = cost.detach().reshape(-1, n, n)
     if work.dtype not in (torch.float32, torch.float64):
         work = work.to(torch.float64)  # half precisions and integers, exactly
-    problems = work.reshape(-1, n, n).contiguous().numpy()
+    low, high = work.aminmax(dim=-1, keepdim=True)  # NaN or inf anywhere shows here
+    if not (bool(torch.isfinite(low).all()) and bool(torch.isfinite(high).all())):
+        raise FusionError(f"exact OT got a {n}x{m} cost with non-finite entries")
+    # Row offsets do not change the optimal assignment, and JV's column reduction stalls
+    # when a few rows are cheap for every column (distances between random-init neurons):
+    # without them it is ~1.4x faster. Subtracting a row's minimum is exact (Sterbenz) where
+    # the row lies within [min, 2 min]; other rows keep their costs.
+    exact = (low > 0) & (high <= 2 * low)
+    if bool(exact.any()):
+        work = work - torch.where(exact, low, 0)
+    problems = work.to("cpu").contiguous().numpy()
     if len(problems) == 1:
         rows, cols = lapjvr(problems[0], return_cost=False)
         rows_list, cols_list = [rows], [cols]
