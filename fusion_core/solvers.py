@@ -11,31 +11,30 @@ import math
 import numpy as np
 import ot
 import torch
-from scipy.optimize import linear_sum_assignment
 
+from .assignment import assign, permutation_plan
 from .errors import FusionError
 
 
 def emd(cost: torch.Tensor) -> torch.Tensor:
-    """Exact optimal plan (hard alignment).
+    """Exact optimal plan(s) (hard alignment) for a cost (n, m) or a batch (..., n, m).
 
     With equal sizes and uniform marginals this is a linear assignment problem, solved
-    exactly by scipy's shortest augmenting path in seconds at 3072². Otherwise the network
-    simplex runs without the iteration cap that makes POT's default return non-optimal plans.
+    exactly and batched by `assignment.assign` (about 0.3 s at 3072² on one core). Otherwise
+    the network simplex runs without the iteration cap that makes POT's default return
+    non-optimal plans.
     """
-    n, m = cost.shape
-    c = cost.detach().to("cpu", torch.float64).numpy()
+    *batch, n, m = cost.shape
     if n == m:
-        rows, cols = linear_sum_assignment(c)
-        plan = np.zeros((n, m))
-        plan[rows, cols] = 1.0 / n
-    else:
-        a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
-        plan, log = ot.emd(a, b, c, numItermax=max(10_000_000, 100 * n * m), log=True)
-        if log.get("result_code") != 1:
-            raise FusionError(
-                f"exact OT did not converge on a {n}x{m} problem: {log.get('warning')}"
-            )
+        return permutation_plan(assign(cost), cost)
+    if batch:
+        flat = cost.reshape(-1, n, m)
+        return torch.stack([emd(c) for c in flat]).reshape(cost.shape)
+    c = cost.detach().to("cpu", torch.float64).numpy()
+    a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
+    plan, log = ot.emd(a, b, c, numItermax=max(10_000_000, 100 * n * m), log=True)
+    if log.get("result_code") != 1:
+        raise FusionError(f"exact OT did not converge on a {n}x{m} problem: {log.get('warning')}")
     return torch.from_numpy(plan).to(device=cost.device, dtype=cost.dtype)
 
 
@@ -103,9 +102,6 @@ def sinkhorn(
 def solve(cost: torch.Tensor, solver: str, reg: float | None) -> torch.Tensor:
     """Plan(s) for a cost (n, m) or a batch of costs (..., n, m)."""
     if solver == "emd":
-        if cost.ndim > 2:
-            flat = cost.reshape(-1, *cost.shape[-2:])
-            return torch.stack([emd(c) for c in flat]).reshape(cost.shape)
         return emd(cost)
     if solver == "sinkhorn":
         if reg is None:

@@ -4,9 +4,11 @@ import numpy as np
 import ot
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
+from fusion_core.errors import FusionError
 from fusion_core.solvers import emd, sinkhorn, solve
-from fusion_core.transport import apply_on_axis, as_permutation, out_map
+from fusion_core.transport import apply_on_axis, as_permutation, out_map, permutation_distance
 
 
 def planted_cost(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,6 +34,86 @@ def test_emd_is_optimal_where_capped_network_simplex_is_not_needed():
     a = np.full(40, 1 / 40)
     reference = ot.emd2(a, a, cost.numpy(), numItermax=10_000_000)
     assert float((emd(cost) * cost).sum()) == pytest.approx(reference, rel=1e-9)
+
+
+def square_costs(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Square costs of one kind, in float64 (the tests cast them)."""
+    if kind == "uniform":
+        return torch.rand(n, n, generator=gen, dtype=torch.float64)
+    if kind == "near-uniform":  # random-init layers: distances concentrate near the max
+        return 0.9 + 0.01 * torch.randn(n, n, generator=gen, dtype=torch.float64)
+    if kind == "integers-with-ties":
+        return torch.randint(0, 4, (n, n), generator=gen).double()
+    if kind == "constant":
+        return torch.full((n, n), 0.7, dtype=torch.float64)
+    if kind == "negative-and-wide":
+        return torch.randn(n, n, generator=gen, dtype=torch.float64) * 1e3
+    if kind == "rank-one":  # c_ij = x_i y_j: many near-ties
+        x, y = torch.rand(2, n, 1, generator=gen, dtype=torch.float64)
+        return x @ y.T
+    x, y = torch.randn(2, n, 8, generator=gen, dtype=torch.float64)  # euclidean
+    return torch.cdist(x, y)
+
+
+def assert_is_permutation_plan(plan: torch.Tensor) -> torch.Tensor:
+    """The plan is 1/n on a permutation and 0 elsewhere; returns the column of each row."""
+    n = plan.shape[0]
+    columns = plan.argmax(1)
+    assert sorted(columns.tolist()) == list(range(n))
+    expected = torch.zeros_like(plan)
+    expected[torch.arange(n), columns] = 1 / n
+    assert torch.equal(plan, expected)
+    return columns
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "uniform",
+        "near-uniform",
+        "integers-with-ties",
+        "constant",
+        "negative-and-wide",
+        "rank-one",
+        "euclidean",
+    ],
+)
+def test_square_emd_is_an_optimal_assignment(kind, dtype):
+    """Every plan is a permutation with uniform marginals whose cost equals the optimum that
+    scipy's linear_sum_assignment finds on the same (cast) values."""
+    gen = torch.Generator().manual_seed(sum(map(ord, kind)))
+    for n in [1, 2, 3, 5, 8, 13, 31, 64, 100, 257]:
+        cost = square_costs(kind, n, gen).to(dtype)
+        plan = emd(cost)
+        assert plan.dtype == dtype and plan.shape == (n, n)
+        columns = assert_is_permutation_plan(plan)
+        values = cost.double().numpy()
+        rows, optimal = linear_sum_assignment(values)
+        best = values[rows, optimal].sum()
+        assert values[np.arange(n), columns.numpy()].sum() == pytest.approx(
+            best, rel=1e-12, abs=1e-12
+        ), f"{kind} {n}x{n}"
+
+
+def test_square_emd_batches_equal_the_problems_one_by_one():
+    gen = torch.Generator().manual_seed(11)
+    costs = torch.rand(2, 3, 20, 20, generator=gen)  # continuous: one optimum each
+    batched = emd(costs)
+    assert batched.shape == costs.shape
+    for cost, plan in zip(costs.reshape(-1, 20, 20), batched.reshape(-1, 20, 20), strict=True):
+        assert torch.equal(plan, emd(cost))
+    assert torch.equal(solve(costs, "emd", None), batched)
+
+
+def test_square_emd_rejects_non_finite_costs():
+    cost = torch.rand(4, 4)
+    cost[1, 2] = float("nan")
+    with pytest.raises(FusionError, match="non-finite"):
+        emd(cost)
+    cost[1, 2] = float("inf")
+    with pytest.raises(FusionError, match="non-finite"):
+        emd(cost)
 
 
 def test_rectangular_emd_keeps_both_marginals_and_is_optimal():
@@ -105,3 +187,24 @@ def test_permutation_plans_are_applied_by_gathering():
     torch.testing.assert_close(
         apply_on_axis(weights, 1, index), apply_on_axis(weights, 1, out_map(plan))
     )
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        torch.tensor([[0.5, 0.5], [0.0, 0.0]]),  # n nonzeros, two in one row
+        torch.tensor([[0.5, 0.0], [0.5, 0.0]]),  # n nonzeros, two in one column
+        torch.tensor([[-0.5, 0.0], [0.0, 0.5]]),  # a negative entry is no mass
+        torch.tensor([[0.25, 0.25], [0.25, 0.25]]),  # soft
+        torch.full((2, 3), 1 / 6),  # rectangular
+    ],
+)
+def test_only_permutation_plans_are_gathered(plan):
+    assert as_permutation(plan) is None
+
+
+def test_permutation_distance_is_the_mean_column_share_of_the_largest_entry():
+    soft = sinkhorn(planted_cost(12, seed=8)[0], 0.1)
+    expected = 1 - out_map(soft).max(0).values.mean()
+    assert permutation_distance(soft) == pytest.approx(float(expected), rel=1e-6)
+    assert permutation_distance(emd(planted_cost(12, seed=8)[0])) == 0.0
