@@ -49,6 +49,14 @@ def normalize(field: str, uri: str, folder: bool) -> str:
         scheme, bucket, path = parse_uri(uri)
     except ValueError as exc:
         raise InputError(f"{exc} (got {uri!r})", field) from None
+    if scheme == "hf":
+        from .hub import canonical
+
+        if not folder:
+            raise InputError(
+                f"{uri}: hub URIs name model repos; data files come from s3:// or file://", field
+            )
+        return canonical(uri)
     if scheme == "s3":
         if not bucket:
             raise InputError(f"{uri}: no bucket", field)
@@ -101,6 +109,10 @@ class Access:
 
     # -- the checks --------------------------------------------------------------------------
     def readable(self, tenant: str, uri: str) -> bool:
+        if uri.startswith("hf://"):
+            from .hub import allowed
+
+            return allowed(uri, self.settings.hub_repos)
         if any(area.contains(uri) for area in self.own(tenant)):
             return True
         if any(area.contains(uri) for area in self.reserved):
@@ -116,6 +128,10 @@ class Access:
         self._check_scheme(field, normalized)
         if folder and normalized.startswith("s3://") and normalized.count("/") <= 3:
             raise InputError(f"{uri}: names a bucket root; name the checkpoint's folder", field)
+        if normalized.startswith("hf://") and not self.readable(tenant, normalized):
+            raise InputError(
+                f"{uri}: this server does not take this hub repo (OTFUSE_HUB_REPOS)", field
+            )
         if not self.readable(tenant, normalized):
             raise InputError(
                 f"{uri}: not readable by this tenant (inputs come from the server's read-only "

@@ -42,6 +42,15 @@ class Settings(BaseSettings):
         "fusions/{tenant}/ of OTFUSE_BUCKET and, embedded, artifacts/{tenant}/ of the data dir)",
     )
     data_dir: Path = Field(Path("runs/service"), description="embedded: job file + artifacts")
+    hub_repos: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="hub repos hf:// models may name, as patterns (org/*, org/name); none = "
+        "no hub inputs",
+    )
+    hub_cache: Path | None = Field(None, description="hub cache folder (default: the hub's)")
+    hub_offline: bool | None = Field(
+        None, description="hub models from the cache only (default: HF_HUB_OFFLINE)"
+    )
     multipart_threshold_mb: int = Field(64, ge=5, description="files above use multipart")
     s3_attempts: int = Field(
         5, ge=1, le=20, description="tries of an S3 request (exponential backoff between)"
@@ -140,7 +149,7 @@ class Settings(BaseSettings):
         except InputError as exc:
             raise ValueError(str(exc)) from None
 
-    @field_validator("allowed_buckets", "file_roots", mode="before")
+    @field_validator("allowed_buckets", "file_roots", "hub_repos", mode="before")
     @classmethod
     def _split(cls, value):
         if isinstance(value, str):

@@ -61,7 +61,8 @@ class StoredFile:
 
 
 def parse_uri(uri: str) -> tuple[str, str, str]:
-    """`s3://b/k` -> ("s3", "b", "k"); `file:///p` -> ("file", "", "/p").
+    """`s3://b/k` -> ("s3", "b", "k"); `file:///p` -> ("file", "", "/p");
+    `hf://org/name@rev` -> ("hf", "org/name", "rev").
     Raises ValueError saying what is wrong (the caller names the URI)."""
     if _CONTROL.search(uri):
         raise ValueError("control characters are not allowed in URIs")
@@ -75,7 +76,12 @@ def parse_uri(uri: str) -> tuple[str, str, str]:
         if _CONTROL.search(path):
             raise ValueError("control characters are not allowed in paths")
         return "file", "", path
-    raise ValueError("scheme must be s3:// or file://")
+    if parsed.scheme == "hf":
+        from .hub import parse_hub
+
+        repo, revision = parse_hub(uri)
+        return "hf", repo, revision or ""
+    raise ValueError("scheme must be s3://, file:// or hf://")
 
 
 def join(prefix: str, name: str) -> str:
@@ -426,6 +432,10 @@ class Storage:
 
     def backend(self, uri: str):
         scheme = parse_uri(uri)[0]
+        if scheme == "hf":
+            from .hub import HubBackend
+
+            return HubBackend(self.settings.hub_cache, self.settings.hub_offline)
         if scheme == "s3":
             if not self.settings.s3_enabled:
                 raise StorageError(f"{uri}: S3 is not configured (OTFUSE_S3_ENDPOINT_URL)")

@@ -1,30 +1,25 @@
-# The API image: FastAPI + uvicorn on CPU. torch (CPU build) is here only because submit-time
-# validation uses fusion_core's spec checks; pass TORCH_INDEX_URL=<PyTorch's CPU wheel index>
-# to keep the image small (the default index serves the CUDA build).
+# The API image: FastAPI + uvicorn, no torch. The API validates jobs with fusion_core's
+# torch-free contract (fusion_core.contract, spec, errors, files); the package is installed
+# without its dependencies, then only what the API imports (pyproject's `api` extra).
 FROM python:3.11.10-slim-bookworm
 
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HUB_OFFLINE=1 \
-    TRANSFORMERS_VERBOSITY=error
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN useradd --create-home --uid 10001 otfuse
 WORKDIR /app
-RUN if [ -n "$TORCH_INDEX_URL" ]; then \
-        pip install "torch==${TORCH_VERSION}" --index-url "$TORCH_INDEX_URL"; \
-    else \
-        pip install "torch==${TORCH_VERSION}"; \
-    fi
 COPY pyproject.toml README.md ./
 COPY fusion_core fusion_core
+COPY adapters adapters
 COPY service service
 COPY worker worker
 COPY otfuse otfuse
-RUN pip install . && python -c "import service.app, fusion_core"
+RUN pip install --no-deps . \
+    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['api']))" > /tmp/api.txt \
+    && pip install -r /tmp/api.txt \
+    && python -c "import sys, otfuse.cli, otfuse.server; assert 'torch' not in sys.modules"
 
 USER otfuse
 EXPOSE 8000

@@ -18,13 +18,15 @@ WORKDIR /app
 RUN pip install "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
 COPY fusion_core fusion_core
+COPY adapters adapters
 COPY service service
 COPY worker worker
 COPY otfuse otfuse
 RUN pip install . && python -c "import worker.celery_app, fusion_core"
 
 USER otfuse
-# SIGTERM = Celery's warm shutdown: the running job finishes (give it a long grace period);
-# a job killed anyway is redelivered (acks_late, reject_on_worker_lost) and written once.
+# SIGTERM: the running job stops at its next layer, step or transfer chunk, returns to the
+# queue and runs again on the next worker; a worker killed outright has its job redelivered
+# (acks_late, reject_on_worker_lost) and written once.
 STOPSIGNAL SIGTERM
 CMD ["otfuse", "worker", "--log-level", "INFO"]

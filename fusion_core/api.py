@@ -69,6 +69,7 @@ def fuse(
     allow_pickle: bool = False,
     metrics: dict | None = None,
     limits: Limits | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> FusionReport:
     """Fuse two or more HF checkpoint folders into `out` (written atomically).
 
@@ -79,7 +80,7 @@ def fuse(
     spec = (spec or FusionSpec()).validate(len(model_dirs))
     out = Path(out)
     check_output_dir(out)
-    prepared = prepare(model_dirs, spec, data, progress, allow_pickle, limits, should_cancel)
+    prepared = prepare(model_dirs, spec, data, progress, allow_pickle, limits, should_cancel, names)
     return fuse_prepared(prepared, out, prepared.spec, progress, should_cancel, metrics)
 
 

@@ -234,7 +234,8 @@ class JobSpec(Strict):
     models: list[URI] = Field(
         ...,
         min_length=2,
-        description="HF checkpoint folders: s3://bucket/prefix/ or file:// under the roots",
+        description="HF checkpoint folders: s3://bucket/prefix/, file:// under the roots, or "
+        "hf://org/name[@revision] for hub repos the server allows",
     )
     anchor: int = Field(0, ge=0, description="index of the model whose shapes the result takes")
     method: Method = "ot"

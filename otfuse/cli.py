@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from fusion_core.contract import DEFAULT_REG, Finetune, Policy
+from fusion_core.errors import InputError
 from fusion_core.spec import ALIGNMENTS, HEAD_MODES, METHODS, QK_MODES, RESIDUALS, SOLVERS
 
 from .service_cli import HANDLERS as SERVICE_HANDLERS
@@ -367,6 +368,24 @@ def job_spec(args: argparse.Namespace):
     return parse_job(document)
 
 
+HUB = {"offline": False}
+
+
+def local_models(models: list[str]) -> tuple[list[str], dict[str, str]]:
+    """hf:// models as their local snapshot folders (fetched through the hub's cache: only the
+    files a fusion reads), and the URI each folder came from, for the artifacts."""
+    from adapters.hub import HubBackend
+
+    folders, names = [], {}
+    for model in models:
+        if model.startswith("hf://"):
+            folder = str(HubBackend(offline=HUB["offline"]).resolve(model))
+            names[folder] = model
+            model = folder
+        folders.append(model)
+    return folders, names
+
+
 def _number_or_word(item: str) -> float | str:
     try:
         return float(item)
@@ -385,6 +404,7 @@ def _device(requested: str) -> str:
 def _fuse(args: argparse.Namespace) -> int:
     import transformers
 
+    from adapters.storage import StorageError
     from fusion_core import fuse
     from fusion_core.contract import (
         finetune_config,
@@ -401,6 +421,10 @@ def _fuse(args: argparse.Namespace) -> int:
     recipe = fusion_spec(spec, device)
     show = _progress_printer(args.quiet)
     data = spec.data
+    try:
+        models, names = local_models(spec.models)
+    except (StorageError, ValueError) as exc:
+        raise InputError(str(exc), "models") from None
     plain = (
         len(reg_points(spec)) == 1
         and data.eval is None
@@ -410,12 +434,13 @@ def _fuse(args: argparse.Namespace) -> int:
     )
     if plain:  # one fusion, no job around it
         report = fuse(
-            spec.models,
+            models,
             args.out,
             recipe,
             data=data.activations,
             progress=show,
             allow_pickle=args.allow_weights_only_pickle,
+            names=names,
         )
         if not args.quiet:
             print(
@@ -424,7 +449,7 @@ def _fuse(args: argparse.Namespace) -> int:
             )
         return 0
     result = fuse_job(
-        spec.models,
+        models,
         args.out,
         recipe,
         regs=regs_argument(spec),
@@ -438,6 +463,7 @@ def _fuse(args: argparse.Namespace) -> int:
         report=spec.artifacts.report,
         progress=show,
         allow_pickle=args.allow_weights_only_pickle,
+        names=names,
     )
     if not args.quiet:
         print(_summary(result.metrics), file=sys.stderr)
@@ -482,7 +508,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # checkpoints are local folders, never a hub
+    # hf:// models follow the user's HF_HUB_OFFLINE; transformers itself only reads the local
+    # folders it is given, never a hub
+    HUB["offline"] = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     handlers = {"fuse": _fuse, "eval": _eval, "demo": _demo, **SERVICE_HANDLERS}

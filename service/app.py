@@ -64,9 +64,10 @@ def create_app(settings: Settings | None = None, *, store=None, storage=None, qu
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # served below, with its assets from this process (no CDN)
         redoc_url=None,
     )
+    install_docs(app)
     app.state.settings, app.state.store, app.state.storage, app.state.queue = (
         settings,
         store,
@@ -81,6 +82,29 @@ def create_app(settings: Settings | None = None, *, store=None, storage=None, qu
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # outermost: first
     app.openapi = lambda: _openapi(app)
     return app
+
+
+DOCS_ASSETS = "/docs/assets"
+
+
+def install_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs, its JavaScript and CSS served from the swagger-ui-bundle package,
+    so the page works on a machine with no internet."""
+    import swagger_ui_bundle
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), "docs")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="otfuse API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
 
 
 def _openapi(app: FastAPI) -> dict:

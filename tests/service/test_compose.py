@@ -76,7 +76,7 @@ def test_stack_shape(compose):
         assert port.startswith("127.0.0.1:"), port  # the S3 API stays off the network
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
-    assert services["worker"]["stop_grace_period"] == "30m"
+    assert services["worker"]["stop_grace_period"] == "2m"  # SIGTERM requeues the running job
     assert "FLOWER_BASIC_AUTH" in services["flower"]["environment"]
     assert services["flower"]["ports"][0].startswith("127.0.0.1:")
     for name in ("redis", "minio", "api", "worker"):
@@ -152,3 +152,10 @@ def test_every_service_waits_for_the_preflight(compose):
         assert compose["services"][name]["depends_on"]["preflight"]["condition"] == (
             "service_completed_successfully"
         )
+
+
+def test_the_api_image_installs_no_torch():
+    text = (REPO / "docker" / "api.Dockerfile").read_text()
+    commands = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    assert not any("torch" in line and "pip install" in line for line in commands)
+    assert "pip install --no-deps ." in text and "optional-dependencies']['api']" in text
