@@ -164,6 +164,7 @@ class Run:
         self.stage_seconds: dict[str, float] = {}
         self.last_write = 0.0
         self.last_poll = 0.0
+        self.shown_progress = 0.0
         self.cancel_seen = False
         self.heartbeat: Heartbeat | None = None
         self.local_paths: dict[str, str] = {}  # downloaded copy -> its URI, for error messages
@@ -189,7 +190,8 @@ class Run:
         self.check()
         self._close_stage()
         self.stage, self.stage_started = stage, time.perf_counter()
-        self._set(stage=stage, progress=self.spans[stage][0], detail=detail, position=None)
+        self.shown_progress = max(self.shown_progress, self.spans[stage][0])
+        self._set(stage=stage, progress=self.shown_progress, detail=detail, position=None)
         self.last_write = time.perf_counter()
 
     def _close_stage(self) -> None:
@@ -212,7 +214,9 @@ class Run:
             return
         low, high = self.spans[self.stage]
         overall = round(low + (high - low) * min(max(fraction, 0), 1), 4)
-        self._set(progress=overall, detail=detail, position=position)
+        # Never back: a stage's parts (activations, then the layers) each count from zero.
+        self.shown_progress = max(self.shown_progress, overall)
+        self._set(progress=self.shown_progress, detail=detail, position=position)
         self.last_write = now
 
     # -- cancellation ---------------------------------------------------------------------

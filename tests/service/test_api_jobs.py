@@ -45,6 +45,7 @@ def recorded(monkeypatch):
 
     monkeypatch.setattr(pipeline.Run, "enter", entering)
     monkeypatch.setattr(pipeline.Run, "_set", setting)
+    monkeypatch.setattr(pipeline, "UPDATE_EVERY", 0.0)  # every event reaches the record
     return seen
 
 
@@ -123,7 +124,13 @@ def test_finetune_job_reports_before_after_and_respects_its_budget(
 ):
     body = spec(
         parents,
-        data={"eval": datasets["eval"], "finetune": datasets["finetune"]},
+        # activations: the aligning stage reports per model, then per layer
+        policy={"alignment": "activations"},
+        data={
+            "activations": datasets["calibration"],
+            "eval": datasets["eval"],
+            "finetune": datasets["finetune"],
+        },
         finetune={"steps": 3, "lr": 0.001, "batch_size": 8, "baselines": ["vanilla"]},
     )
     with make_client(tmp_path, parents) as client:
