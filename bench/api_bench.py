@@ -121,6 +121,10 @@ def main() -> None:
             "OTFUSE_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
             "OTFUSE_BUCKET": "bench",
             "OTFUSE_API_KEYS": f"{KEY}:bench",
+            # throughput, not the per-tenant quotas, is measured here
+            "OTFUSE_SUBMIT_RATE": "1000000",
+            "OTFUSE_SUBMIT_BURST": "1000000",
+            "OTFUSE_MAX_QUEUED_PER_TENANT": "1000000",
             "BENCH_REDIS_URL": redis_url,
             "PYTHONPATH": str(REPO),
             "TRANSFORMERS_VERBOSITY": "error",
