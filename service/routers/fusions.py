@@ -16,11 +16,24 @@ from fusion_core.contract import EXAMPLE_SPEC, HEALED_EXAMPLE_SPEC, JobSpec
 
 from .. import jobs
 from ..auth import tenant, tenant_of
+from ..direct import DirectRoute
 from ..models import Job, JobList, Problem, Status
 from ..problems import ProblemError
 
 router = APIRouter(prefix="/fusions", tags=["fusions"])
 _ID = re.compile(r"^[0-9a-f]{24}$")
+
+
+def _get(path: str, **kwargs):
+    """A GET route served by DirectRoute (see service/direct.py)."""
+
+    def register(endpoint):
+        router.add_api_route(
+            path, endpoint, methods=["GET"], route_class_override=DirectRoute, **kwargs
+        )
+        return endpoint
+
+    return register
 
 
 def _problem_responses(*codes: int) -> dict:
@@ -219,7 +232,7 @@ async def _owned(request: Request, job_id: str, who: str) -> tuple[bytes, dict]:
     return raw, job
 
 
-@router.get(
+@_get(
     "/{job_id}",
     operation_id="get_job",
     summary="A job: status, stage, progress, result",
