@@ -1,0 +1,298 @@
+"""The cost model behind `otfuse plan`: peak memory and time of a fusion from its graph's
+shapes, with every constant in one place (no torch here).
+
+Memory, on the host (and on the GPU for cuda):
+
+    baseline            the process: Python, torch, transformers, fusion_core imported
+  + parents resident    file pages of the parents kept mapped (mmap reads stay in RSS)
+  + largest step        one step's tensors of every parent (a layer; an attention block's
+                        Q, K, V together): as stored, in float32 on the device times
+                        WORK_COPIES (loaded, aligned, the running average), its fused output,
+                        and its cost matrices; embeddings in row blocks when the engine does so
+  + plans               per non-anchor model n_model x n_anchor float32 for the maps alive at
+                        once (the plan and its normalized maps: PLAN_COPIES when soft)
+  + solver              the largest Sinkhorn problem's temporaries (cost, kernel, scaled)
+  + output buffer       fused bytes held before they are written (one shard)
+  + activations         calibration activations held (activation alignment, weighted merges)
+
+Time = bytes read / READ_BANDWIDTH + bytes written / WRITE_BANDWIDTH + float32 passes over
+every tensor / MEMORY_BANDWIDTH + flops of cost matrices (2 n_m n_a F) and plan products
+(dense soft plans: 2 n_a per element; hard plans: gathers, as memory passes) / the device's
+flop rate + solver time (Sinkhorn: SINKHORN_PASSES passes over each n_m x n_a kernel; EMD: the
+assignment's n^3 worst case) + forward passes for activations.
+
+The engine's own structure is an `EngineProfile`: today's engine holds every plan of a walk
+and the whole fused model until it writes it; the streaming engine of issue 9 frees plans
+when no later node needs them and writes shard by shard. `bench/plan_check.py` measures
+fusions side by side with these estimates and prints the ratios; the constants below were
+calibrated with it on the 2-core development machine (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .compat import STREAM_REFINEMENTS
+
+if TYPE_CHECKING:
+    from .plan import Graph
+    from .spec import FusionSpec
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    """What the engine holds, which the cost model cannot read off the graph."""
+
+    name: str
+    plans_freed: bool  # a plan is dropped after the last node that reads it
+    vanilla_plans: bool  # vanilla builds (dense identity) plans and applies them
+    row_block: int | None  # rows of a vocabulary-sized table processed at once (None: all)
+    shard_bytes: float  # fused bytes held before a write (inf: the whole model)
+    output_copies: float  # copies of the held output while it is serialized
+    parents_resident: float  # fraction of the parents' file bytes that stays in RSS
+    activations_per_layer: bool  # only the current layer's taps held (else all taps)
+    stream_gram: bool  # shared residual: stream features accumulated as a Gram matrix
+
+
+CURRENT = EngineProfile(
+    name="in-memory",
+    plans_freed=False,
+    vanilla_plans=True,
+    row_block=None,
+    shard_bytes=math.inf,
+    output_copies=2.0,  # the fused tensors and safetensors' serialized copy
+    parents_resident=1.0,  # safe_open handles stay open: every page read stays mapped
+    activations_per_layer=False,
+    stream_gram=False,
+)
+
+STREAMING = EngineProfile(
+    name="streaming",
+    plans_freed=True,
+    vanilla_plans=False,
+    row_block=8192,
+    shard_bytes=5e9,  # max_shard_size's default
+    output_copies=1.0,
+    parents_resident=0.0,
+    activations_per_layer=True,
+    stream_gram=True,
+)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Calibrated constants (bench/plan_check.py on the 2-core development machine; GPU
+    figures from the H100's data sheet until measured there)."""
+
+    engine: EngineProfile = CURRENT
+    # memory
+    baseline_bytes: float = 520 * MIB  # python + torch + transformers + fusion_core, measured
+    cuda_host_bytes: float = 1.5 * (1 << 30)  # the CUDA context's host memory (libraries)
+    cuda_device_bytes: float = 0.5 * (1 << 30)  # the CUDA context on the device
+    work_copies: float = 3.0  # float32 copies of a step's tensors alive at once
+    plan_copies: float = 3.0  # a soft plan, its out map and its in map
+    solver_copies: float = 4.0  # Sinkhorn's cost, scaled cost, kernel and a temporary
+    # time, CPU
+    cpu_flops: float = 80e9  # float32 GEMM, 2 cores (measured 80-90 GFLOP/s)
+    read_bandwidth: float = 1.0e9  # safetensors from page cache to tensors, bytes/s
+    write_bandwidth: float = 0.8e9  # safetensors serialization and write, bytes/s
+    memory_bandwidth: float = 4e9  # float32 elementwise passes, bytes/s
+    elementwise_passes: float = 6.0  # convert, scale, add, convert back... per tensor element
+    sinkhorn_passes: float = 60.0  # passes over an n x m kernel (iterations and annealing)
+    emd_seconds_per_n3: float = 4e-10  # LAPJV worst case (lapx), measured on 3072^2
+    # time, CUDA (data sheet: fp32 without TF32, HBM, PCIe 4; launch-bound solver loops)
+    cuda_flops: float = 40e12
+    cuda_memory_bandwidth: float = 1.5e12
+    cuda_transfer_bandwidth: float = 12e9
+    cuda_seconds_per_pass: float = 30e-6  # one Sinkhorn pass on small problems: launches
+    default_tokens: int = 200 * 128  # activation tokens when the data's shape is not known
+
+
+@dataclass
+class Estimate:
+    device: str
+    engine: str
+    host_peak_bytes: int
+    device_peak_bytes: int | None  # cuda only
+    seconds: float
+    memory: dict[str, int] = field(default_factory=dict)  # the parts of the peak
+    time: dict[str, float] = field(default_factory=dict)
+    flops: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def estimate(
+    graph: Graph, spec: FusionSpec, costs: CostModel, data_tokens: int | None = None
+) -> Estimate:
+    engine = costs.engine
+    cuda = spec.device.startswith("cuda")
+    models, anchor, others = graph.models, graph.anchor, graph.others
+    notes: list[str] = []
+
+    # -- the largest step ---------------------------------------------------------------------
+    def rows(p, shape) -> int:
+        """Elements of a tensor processed at once (vocabulary tables in row blocks)."""
+        numel = math.prod(shape)
+        if engine.row_block and p.axes and p.axes[0] is None and len(shape) == 2:
+            return min(shape[0], engine.row_block) * shape[1]
+        return numel
+
+    step_host, step_device, step_name = 0, 0, ""
+    for _, params in graph.steps():
+        stored = f32 = out = 0
+        for p in params:
+            for m in models:
+                if m.has(p.name):
+                    entry = m.entry(p.name)
+                    n = rows(p, entry.shape)
+                    stored += n * entry.nbytes // max(entry.numel, 1)
+                    f32 += 4 * n
+            entry = anchor.entry(p.name)
+            out += rows(p, entry.shape) * entry.nbytes // max(entry.numel, 1)
+        device_part = costs.work_copies * f32
+        host_part = stored + out
+        if (device_part + (0 if cuda else host_part)) > step_device + (0 if cuda else step_host):
+            step_host, step_device = host_part, device_part
+            step_name = params[0].name if params else ""
+
+    # -- plans ----------------------------------------------------------------------------------
+    maps = graph.maps() if graph.ot else (graph.identity_maps() if engine.vanilla_plans else [])
+    hard = spec.solver == "emd"
+
+    def plan_bytes(m) -> float:
+        square = all(a == b for a, b in m.shapes)
+        copies = 1 if (hard and square and m.how != "merge") else costs.plan_copies
+        return copies * sum(4 * a * b for a, b in m.shapes)
+
+    if engine.plans_freed:
+        events = sorted({m.live[0] for m in maps})
+        plans = max(
+            (sum(plan_bytes(m) for m in maps if m.live[0] <= at <= m.live[1]) for at in events),
+            default=0,
+        )
+    else:
+        plans = sum(plan_bytes(m) for m in maps)
+    solved = [m for m in maps if m.how in ("ot", "heads")] if graph.ot else []
+    largest = max((a * b for m in solved for a, b in m.shapes), default=0)
+    solver = 0.0
+    if solved and spec.solver == "sinkhorn":
+        solver = costs.solver_copies * largest * (8 if largest <= 4_000_000 and not cuda else 4)
+
+    # -- the shared residual stream ---------------------------------------------------------
+    stream_bytes = 0.0
+    if graph.stream and spec.alignment == "weights":
+        n_stream = graph.width(anchor, next(iter(graph.stream)))
+        features = graph.features("stream")
+        if engine.stream_gram:
+            stream_bytes = 2 * 4 * n_stream * n_stream
+        else:  # every stream row of the model and the anchor, concatenated in float32
+            stream_bytes = 2 * 4 * n_stream * features
+            stream_bytes *= len(others)
+
+    # -- activations ------------------------------------------------------------------------
+    tokens = data_tokens or costs.default_tokens
+    acts = 0.0
+    if spec.needs_activations:
+        held = min(tokens, spec.max_tokens)
+        taps = graph.taps()
+        if engine.activations_per_layer:
+            layers = max(1, graph.anchor.config_value("layers"))
+            taps = [taps[i] for i in range(0, len(taps), max(1, len(taps) // layers))]
+        acts = len(models) * 4 * held * sum(width for _, width in taps)
+        if data_tokens is None:
+            notes.append(f"activations: assumed {tokens} tokens (the data's shape is not read)")
+
+    read = sum(m.headers.file_bytes for m in models)
+    fused = graph.fused()["bytes"]
+    output = min(fused, engine.shard_bytes) * engine.output_copies
+    resident = engine.parents_resident * read
+    memory = {
+        "baseline": costs.baseline_bytes + (costs.cuda_host_bytes if cuda else 0),
+        "parents resident": resident,
+        "largest step": step_host + (0 if cuda else step_device),
+        "plans": 0 if cuda else plans,
+        "solver": 0 if cuda else solver,
+        "shared stream": 0 if cuda else stream_bytes,
+        "output buffer": output,
+        "activations": 0 if cuda else acts,
+    }
+    host = sum(memory.values())
+    device_peak = None
+    if cuda:
+        parts = {
+            "device: context": costs.cuda_device_bytes,
+            "device: largest step": step_device,
+            "device: plans": plans,
+            "device: solver": solver,
+            "device: shared stream": stream_bytes,
+            "device: activations": acts,
+        }
+        device_peak = int(sum(parts.values()))
+        memory.update(parts)
+    if step_name:
+        notes.append(f"largest step: the layer of {step_name}")
+
+    # -- time -------------------------------------------------------------------------------------
+    flops_rate = costs.cuda_flops if cuda else costs.cpu_flops
+    bandwidth = costs.cuda_memory_bandwidth if cuda else costs.memory_bandwidth
+    elements = sum(
+        math.prod(m.entry(p.name).shape)
+        for _, params in graph.steps()
+        for p in params
+        for m in models
+        if m.has(p.name)
+    )
+    cost_flops = 0.0
+    for m in solved:
+        features = graph.features(m.name) if spec.alignment == "weights" else min(tokens, 16384)
+        cost_flops += sum(2 * a * b * features for a, b in m.shapes)
+    product_flops, gather_bytes = graph.product_work(maps, hard)
+    solver_seconds = 0.0
+    for m in solved:
+        for a, b in m.shapes:
+            entries = a * b / (graph.heads_of(m) if m.how == "heads" else 1)
+            if spec.solver == "emd":
+                solver_seconds += costs.emd_seconds_per_n3 * max(a, b) ** 3
+            elif cuda:
+                solver_seconds += costs.sinkhorn_passes * (
+                    costs.cuda_seconds_per_pass + 4 * entries / bandwidth
+                )
+            else:
+                solver_seconds += costs.sinkhorn_passes * 4 * entries * 2 / bandwidth
+    passes = 1.0
+    if graph.stream and spec.alignment == "weights":
+        passes = 1.0 + STREAM_REFINEMENTS  # the walk repeats to refine the stream's plan
+        n_stream = graph.width(anchor, next(iter(graph.stream)))
+        cost_flops += len(others) * 2 * n_stream * n_stream * graph.features("stream") * passes
+    forward_flops = 0.0
+    if spec.needs_activations:
+        forward_flops = sum(2 * m.parameter_count * tokens for m in models)
+    flops = passes * (cost_flops + product_flops) + forward_flops
+    time = {
+        "read": passes * read / costs.read_bandwidth,
+        "write": fused / costs.write_bandwidth,
+        "elementwise": passes
+        * (4 * elements * costs.elementwise_passes + gather_bytes)
+        / bandwidth,
+        "cost matrices": passes * cost_flops / flops_rate,
+        "plan products": passes * product_flops / flops_rate,
+        "solver": passes * solver_seconds,
+        "activations": forward_flops / flops_rate,
+    }
+    if cuda:
+        time["transfer"] = 4 * elements / costs.cuda_transfer_bandwidth
+    return Estimate(
+        device=spec.device,
+        engine=engine.name,
+        host_peak_bytes=int(host),
+        device_peak_bytes=device_peak,
+        seconds=sum(time.values()),
+        memory={k: int(v) for k, v in memory.items()},
+        time={k: round(v, 3) for k, v in time.items()},
+        flops=flops,
+        notes=notes,
+    )
