@@ -5,7 +5,9 @@
 
 Each fusion runs in a fresh process (`fusion_core.fuse` on CPU); its peak RSS is the child's
 ru_maxrss from wait4, its time the fusion's own wall time (imports excluded, as in the
-estimate). The parents are random init, made here and cached under --workdir: a BERT-base
+estimate), beside its CPU seconds and the load average when it started: on a shared machine
+the wall time stretches with the load, so compare at load ~0. The parents are random init,
+made here and cached under --workdir: a BERT-base
 pair (float32) and Llama-3.2-1B-shaped pairs (hidden 2048, 32 heads, 8 key/value heads, MLP
 8192, vocab 128256, tied embeddings, bf16) at 2 and 16 layers. A case whose estimate does not
 fit in 80% of the memory available now is skipped, as the service would refuse it. Goals
@@ -120,8 +122,9 @@ def available_bytes() -> int:
     return 0
 
 
-def measure(folders: list[Path], spec: FusionSpec, out: Path) -> tuple[float, int]:
-    """(fusion seconds, peak RSS bytes) of one fusion in a fresh process."""
+def measure(folders: list[Path], spec: FusionSpec, out: Path) -> tuple[float, float, int]:
+    """(fusion wall seconds, the child's CPU seconds, peak RSS bytes) of one fusion in a
+    fresh process. CPU seconds include the imports (about 3 s)."""
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
@@ -135,7 +138,8 @@ def measure(folders: list[Path], spec: FusionSpec, out: Path) -> tuple[float, in
     shutil.rmtree(out, ignore_errors=True)
     if child.returncode != 0:
         raise RuntimeError(f"fusion failed ({child.returncode})")
-    return json.loads(output.strip().splitlines()[-1])["seconds"], usage.ru_maxrss * 1024
+    seconds = json.loads(output.strip().splitlines()[-1])["seconds"]
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
 
 
 def main() -> None:
@@ -148,7 +152,7 @@ def main() -> None:
     rows = []
     header = (
         f"{'pair':<12} {'case':<9} {'est GiB':>8} {'meas GiB':>9} {'ratio':>6} "
-        f"{'est s':>7} {'meas s':>7} {'ratio':>6}"
+        f"{'est s':>7} {'meas s':>7} {'ratio':>6} {'cpu s':>7} {'load':>5}"
     )
     print(header)
     for pair in args.pairs.split(","):
@@ -170,7 +174,8 @@ def main() -> None:
                     f"{est.seconds:7.1f}"
                 )
                 continue
-            seconds, peak = measure(folders, spec, args.workdir / "out")
+            load = os.getloadavg()[0]
+            seconds, cpu, peak = measure(folders, spec, args.workdir / "out")
             row = {
                 "pair": pair,
                 "case": case,
@@ -178,6 +183,8 @@ def main() -> None:
                 "measured_bytes": peak,
                 "estimate_seconds": est.seconds,
                 "measured_seconds": seconds,
+                "cpu_seconds": cpu,
+                "load": load,
                 "plan_seconds": plan_seconds,
                 "memory_parts": est.memory,
                 "time_parts": est.time,
@@ -186,7 +193,7 @@ def main() -> None:
             print(
                 f"{pair:<12} {case:<9} {est.host_peak_bytes / GIB:8.2f} {peak / GIB:9.2f} "
                 f"{est.host_peak_bytes / peak:6.2f} {est.seconds:7.1f} {seconds:7.1f} "
-                f"{est.seconds / seconds:6.2f}",
+                f"{est.seconds / seconds:6.2f} {cpu:7.1f} {load:5.1f}",
                 flush=True,
             )
     if args.json:

@@ -135,9 +135,13 @@ def plan(
     models give a report with `compatible: false` and the reason; unreadable or oversized
     inputs raise InputError, as the fusion would."""
     spec = spec.validate(len(folders))
-    models = [open_headers(i, folder) for i, folder in enumerate(folders)]
-    for model in models:
-        (limits or Limits()).check_sizes(model)
+    models = []
+    for i, folder in enumerate(folders):
+        try:
+            models.append(open_headers(i, folder))
+            (limits or Limits()).check_sizes(models[-1])
+        except InputError as error:  # a model's own fault: at its place in the job
+            raise (error if error.field else error.renamed(f"models.{i}")) from None
     summaries = [_summary(m) for m in models]
     anchor = models[spec.anchor]
     ordered = [anchor, *[m for m in models if m is not anchor]]
