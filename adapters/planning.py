@@ -109,7 +109,8 @@ def check_fits(report: PlanReport, settings) -> None:
     host, gpu = memory_limits(settings)
     cuda = est.device.startswith("cuda")
     if host is not None and est.host_peak_bytes > host:
-        advice = "fewer or smaller models" if cuda else "policy.device cuda, fewer or smaller models"
+        advice = "fewer or smaller models"
+        advice = advice if cuda else f"policy.device cuda, {advice}"
         raise InputError(
             f"needs ~{est.host_peak_bytes / GIB:.1f} GiB of memory ({est.engine} engine, on "
             f"{est.device}), the worker has {host / GIB:.1f} GiB: use {advice}",
