@@ -59,7 +59,7 @@ if kind == "bert":
     config.architectures = ["BertModel"]
     cls, dtype = transformers.BertModel, torch.float32
 else:
-    config = transformers.LlamaConfig(**{LLAMA}, num_hidden_layers=layers)
+    config = transformers.LlamaConfig(**{**{LLAMA}, "num_hidden_layers": layers})
     config.architectures = ["LlamaForCausalLM"]
     config.torch_dtype = "bfloat16"
     cls, dtype = transformers.LlamaForCausalLM, torch.bfloat16

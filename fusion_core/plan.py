@@ -100,6 +100,7 @@ class TransportMap:
     how: str  # "ot" | "heads" | "merge" | "derived" | "identity"
     shapes: list[tuple[int, int]]  # per non-anchor model
     live: tuple[int, int]  # first and last node of the walk that needs it
+    roles: list[str] = field(default_factory=list)  # applied to outputs ("out"), inputs ("in")
 
 
 @dataclass
@@ -381,6 +382,7 @@ class Graph:
         first: dict[str, int] = {}
         last: dict[str, int] = {}
         members: dict[str, list[str]] = {}
+        roles: dict[str, set[str]] = {}
 
         def use(space: str, at: int) -> None:
             name = self.map_of(space)
@@ -392,10 +394,13 @@ class Graph:
 
         for at, node in enumerate(self.nodes):
             if isinstance(node, Layer):
+                fused = self.params(node)
                 for p in node.params:
                     for tag in p.axes:
                         for space in axis_spaces(tag):
                             use(space, at)
+                            if p in fused:
+                                roles.setdefault(self.map_of(space), set()).add(tag[0])
             elif isinstance(node, Merge):
                 for space in (node.defines, node.residual, node.branch):
                     use(space, at)
@@ -409,7 +414,9 @@ class Graph:
             space = spaces[0]
             shapes = [(self.width(m, space), self.width(self.anchor, space)) for m in self.others]
             how = self.how(space)
-            result.append(TransportMap(name, spaces, how, shapes, (first[name], last[name])))
+            span = (first[name], last[name])
+            used = sorted(roles.get(name, ()))
+            result.append(TransportMap(name, spaces, how, shapes, span, used))
         return result
 
     def check_vanilla(self) -> None:
@@ -428,10 +435,10 @@ class Graph:
                     )
 
     # -- what each step of the walk loads ---------------------------------------------------------
-    def steps(self) -> list[tuple[int, list[Param]]]:
-        """The tensors loaded together: one layer, or an attention block's Q, K and V layers
-        (solved together when the first is reached)."""
-        grouped: dict[int, list[Param]] = {}
+    def steps(self) -> list[tuple[int, int, list[Param]]]:
+        """(first node, last node, tensors) loaded together, in walk order: one layer, or an
+        attention block's Q, K and V layers (solved together when the first is reached)."""
+        grouped: dict[int, tuple[int, list[Param]]] = {}
         for at, node in enumerate(self.nodes):
             if not isinstance(node, Layer):
                 continue
@@ -439,8 +446,9 @@ class Graph:
             for space in node.spaces:
                 if space in self.attention:
                     key = self.attention[space][0]
-            grouped.setdefault(key, []).extend(self.params(node))
-        return sorted(grouped.items())
+            end, params = grouped.get(key, (at, []))
+            grouped[key] = (max(end, at), params + self.params(node))
+        return [(key, end, params) for key, (end, params) in sorted(grouped.items())]
 
     def taps(self) -> list[tuple[object, int]]:
         """(tap, width) of the activations a fusion collects, in walk order."""
@@ -475,7 +483,7 @@ class Graph:
         over every tensor of every non-anchor model."""
         by_name = {m.name: m for m in maps}
         flops = gathered = 0.0
-        for _, params in self.steps():
+        for _, _, params in self.steps():
             for p in params:
                 for model in self.others:
                     if not model.has(p.name):

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .compat import STREAM_REFINEMENTS
+from .headers import DTYPE_BYTES
 
 if TYPE_CHECKING:
     from .plan import Graph
@@ -64,7 +65,7 @@ CURRENT = EngineProfile(
     vanilla_plans=True,
     row_block=None,
     shard_bytes=math.inf,
-    output_copies=2.0,  # the fused tensors and safetensors' serialized copy
+    output_copies=1.0,  # the fused tensors (save_file adds no measurable copy)
     parents_resident=1.0,  # safe_open handles stay open: every page read stays mapped
     activations_per_layer=False,
     stream_gram=False,
@@ -94,7 +95,6 @@ class CostModel:
     cuda_host_bytes: float = 1.5 * (1 << 30)  # the CUDA context's host memory (libraries)
     cuda_device_bytes: float = 0.5 * (1 << 30)  # the CUDA context on the device
     work_copies: float = 3.0  # float32 copies of a step's tensors alive at once
-    plan_copies: float = 3.0  # a soft plan, its out map and its in map
     solver_copies: float = 4.0  # Sinkhorn's cost, scaled cost, kernel and a temporary
     # time, CPU
     cpu_flops: float = 80e9  # float32 GEMM, 2 cores (measured 80-90 GFLOP/s)
@@ -133,7 +133,7 @@ def estimate(
     models, anchor, others = graph.models, graph.anchor, graph.others
     notes: list[str] = []
 
-    # -- the largest step ---------------------------------------------------------------------
+    # -- memory along the walk: at each step, what is held then -------------------------------
     def rows(p, shape) -> int:
         """Elements of a tensor processed at once (vocabulary tables in row blocks)."""
         numel = math.prod(shape)
@@ -141,59 +141,34 @@ def estimate(
             return min(shape[0], engine.row_block) * shape[1]
         return numel
 
-    step_host, step_device, step_name = 0, 0, ""
-    for _, params in graph.steps():
-        stored = f32 = out = 0
-        for p in params:
-            for m in models:
-                if m.has(p.name):
-                    entry = m.entry(p.name)
-                    n = rows(p, entry.shape)
-                    stored += n * entry.nbytes // max(entry.numel, 1)
-                    f32 += 4 * n
-            entry = anchor.entry(p.name)
-            out += rows(p, entry.shape) * entry.nbytes // max(entry.numel, 1)
-        device_part = costs.work_copies * f32
-        host_part = stored + out
-        if (device_part + (0 if cuda else host_part)) > step_device + (0 if cuda else step_host):
-            step_host, step_device = host_part, device_part
-            step_name = params[0].name if params else ""
-
-    # -- plans ----------------------------------------------------------------------------------
     maps = graph.maps() if graph.ot else (graph.identity_maps() if engine.vanilla_plans else [])
     hard = spec.solver == "emd"
+    sinkhorn = graph.ot and spec.solver == "sinkhorn"
 
     def plan_bytes(m) -> float:
+        """The plan, and a normalized map per role it is applied in (soft plans; a hard
+        square plan is applied as gather indices)."""
         square = all(a == b for a, b in m.shapes)
-        copies = 1 if (hard and square and m.how != "merge") else costs.plan_copies
+        copies = 1 if (hard and square and m.how != "merge") else 1 + len(m.roles)
         return copies * sum(4 * a * b for a, b in m.shapes)
 
-    if engine.plans_freed:
-        events = sorted({m.live[0] for m in maps})
-        plans = max(
-            (sum(plan_bytes(m) for m in maps if m.live[0] <= at <= m.live[1]) for at in events),
-            default=0,
-        )
-    else:
-        plans = sum(plan_bytes(m) for m in maps)
-    solved = [m for m in maps if m.how in ("ot", "heads")] if graph.ot else []
-    largest = max((a * b for m in solved for a, b in m.shapes), default=0)
-    solver = 0.0
-    if solved and spec.solver == "sinkhorn":
-        solver = costs.solver_copies * largest * (8 if largest <= 4_000_000 and not cuda else 4)
+    def solver_bytes(m) -> float:
+        """Sinkhorn's temporaries while it solves `m` (float64 for small problems on CPU)."""
+        if not sinkhorn or m.how not in ("ot", "heads"):
+            return 0.0
+        entries = max(a * b for a, b in m.shapes) / (graph.heads_of(m) if m.how == "heads" else 1)
+        return costs.solver_copies * entries * (8 if entries <= 4_000_000 and not cuda else 4)
 
-    # -- the shared residual stream ---------------------------------------------------------
+    # the shared residual stream (weights): its features, solved before the walk
     stream_bytes = 0.0
     if graph.stream and spec.alignment == "weights":
         n_stream = graph.width(anchor, next(iter(graph.stream)))
-        features = graph.features("stream")
         if engine.stream_gram:
-            stream_bytes = 2 * 4 * n_stream * n_stream
+            stream_bytes = 2 * 4 * n_stream * n_stream * len(others)
         else:  # every stream row of the model and the anchor, concatenated in float32
-            stream_bytes = 2 * 4 * n_stream * features
-            stream_bytes *= len(others)
+            stream_bytes = 2 * 4 * n_stream * graph.features("stream") * len(others)
 
-    # -- activations ------------------------------------------------------------------------
+    # activations held while the walk runs
     tokens = data_tokens or costs.default_tokens
     acts = 0.0
     if spec.needs_activations:
@@ -201,47 +176,82 @@ def estimate(
         taps = graph.taps()
         if engine.activations_per_layer:
             layers = max(1, graph.anchor.config_value("layers"))
-            taps = [taps[i] for i in range(0, len(taps), max(1, len(taps) // layers))]
+            taps = taps[: max(1, math.ceil(len(taps) / layers))]
         acts = len(models) * 4 * held * sum(width for _, width in taps)
         if data_tokens is None:
             notes.append(f"activations: assumed {tokens} tokens (the data's shape is not read)")
 
     read = sum(m.headers.file_bytes for m in models)
     fused = graph.fused()["bytes"]
-    output = min(fused, engine.shard_bytes) * engine.output_copies
-    resident = engine.parents_resident * read
-    memory = {
-        "baseline": costs.baseline_bytes + (costs.cuda_host_bytes if cuda else 0),
-        "parents resident": resident,
-        "largest step": step_host + (0 if cuda else step_device),
-        "plans": 0 if cuda else plans,
-        "solver": 0 if cuda else solver,
-        "shared stream": 0 if cuda else stream_bytes,
-        "output buffer": output,
-        "activations": 0 if cuda else acts,
-    }
-    host = sum(memory.values())
-    device_peak = None
-    if cuda:
-        parts = {
-            "device: context": costs.cuda_device_bytes,
-            "device: largest step": step_device,
-            "device: plans": plans,
-            "device: solver": solver,
-            "device: shared stream": stream_bytes,
-            "device: activations": acts,
+    base = costs.baseline_bytes + (costs.cuda_host_bytes if cuda else 0)
+    host_parts: dict[str, float] = {}
+    device_parts: dict[str, float] = {}
+    host_peak = device_peak = 0.0
+    read_so_far = out_so_far = 0
+    step_name = ""
+    for at, end, params in graph.steps():
+        stored = f32 = out = 0
+        for p in params:
+            for m in models:
+                if m.has(p.name):
+                    entry = m.entry(p.name)
+                    n = rows(p, entry.shape)
+                    read_so_far += entry.nbytes
+                    if entry.dtype != "F32" or cuda:  # else the loaded tensor is the float32 one
+                        stored += n * DTYPE_BYTES[entry.dtype]
+                    f32 += 4 * n
+            entry = anchor.entry(p.name)
+            out_so_far += entry.nbytes
+            if entry.dtype != "F32" or cuda:
+                out += rows(p, entry.shape) * DTYPE_BYTES[entry.dtype]
+        alive = [
+            m for m in maps if m.live[0] <= end and (not engine.plans_freed or m.live[1] >= at)
+        ]
+        solving = [solver_bytes(m) for m in maps if at <= m.live[0] <= end]
+        held = {
+            "plans": sum(plan_bytes(m) for m in alive),
+            "solver": max(solving, default=0.0),
+            "activations": acts,
+            "largest step": costs.work_copies * f32,
         }
-        device_peak = int(sum(parts.values()))
-        memory.update(parts)
+        host = {
+            "baseline": base,
+            "parents resident": engine.parents_resident * read_so_far,
+            "output buffer": min(out_so_far, engine.shard_bytes) * engine.output_copies,
+            "step as stored": stored + out,
+        }
+        if cuda:
+            device = {"context": costs.cuda_device_bytes, **held}
+            if sum(device.values()) > device_peak:
+                device_peak, device_parts = sum(device.values()), device
+        else:
+            host |= held
+        if sum(host.values()) > host_peak:
+            host_peak, host_parts = sum(host.values()), host
+            step_name = params[0].name if params else ""
+    if stream_bytes:  # before the walk: every parent read, the stream's features held
+        host = {
+            "baseline": base,
+            "parents resident": engine.parents_resident * read,
+            "shared stream": 0.0 if cuda else stream_bytes,
+        }
+        if sum(host.values()) > host_peak:
+            host_peak, host_parts, step_name = sum(host.values()), host, ""
+        if cuda and costs.cuda_device_bytes + stream_bytes > device_peak:
+            device_parts = {"context": costs.cuda_device_bytes, "shared stream": stream_bytes}
+            device_peak = sum(device_parts.values())
+    memory = {k: int(v) for k, v in host_parts.items()}
+    memory |= {f"device: {k}": int(v) for k, v in device_parts.items()}
     if step_name:
-        notes.append(f"largest step: the layer of {step_name}")
+        notes.append(f"peak at the step of {step_name}")
+    solved = [m for m in maps if m.how in ("ot", "heads")] if graph.ot else []
 
     # -- time -------------------------------------------------------------------------------------
     flops_rate = costs.cuda_flops if cuda else costs.cpu_flops
     bandwidth = costs.cuda_memory_bandwidth if cuda else costs.memory_bandwidth
     elements = sum(
         math.prod(m.entry(p.name).shape)
-        for _, params in graph.steps()
+        for _, _, params in graph.steps()
         for p in params
         for m in models
         if m.has(p.name)
@@ -288,10 +298,10 @@ def estimate(
     return Estimate(
         device=spec.device,
         engine=engine.name,
-        host_peak_bytes=int(host),
-        device_peak_bytes=device_peak,
+        host_peak_bytes=int(host_peak),
+        device_peak_bytes=int(device_peak) if cuda else None,
         seconds=sum(time.values()),
-        memory={k: int(v) for k, v in memory.items()},
+        memory=memory,
         time={k: round(v, 3) for k, v in time.items()},
         flops=flops,
         notes=notes,
