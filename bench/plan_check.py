@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from fusion_core.headers import LocalFolder  # noqa: E402
 from fusion_core.plan import plan  # noqa: E402
+from fusion_core.plan_costs import CostModel  # noqa: E402
 from fusion_core.spec import FusionSpec  # noqa: E402
 
 GIB = 1 << 30
@@ -90,6 +91,67 @@ fuse(sys.argv[1].split(","), sys.argv[2], spec)
 print(json.dumps({"seconds": time.perf_counter() - started}))
 """
 
+CALIBRATE = """
+import json, resource, sys, time
+started = time.process_time()
+import torch
+from safetensors import safe_open
+from fusion_core import api  # noqa: F401  (what a fusion process imports)
+from fusion_core.assignment import assign
+from fusion_core.cost import block_cost
+from fusion_core.solvers import sinkhorn
+threads = torch.get_num_threads()
+result = {"baseline_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+def cpu(f, repeat=3):
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.process_time()
+        f()
+        best = min(best, time.process_time() - t)
+    return best
+
+# float32 GEMM, both threads busy: flops per idle wall second = flops / (cpu / threads)
+a, b = torch.randn(2048, 8192), torch.randn(8192, 2048)
+result["cpu_flops"] = 2 * 2048 * 8192 * 2048 / (cpu(lambda: a @ b) / threads)
+x, y = torch.randn(1 << 25), torch.randn(1 << 25)
+result["memory_bandwidth"] = 3 * 4 * (1 << 25) / (cpu(lambda: x.mul(0.5).add_(y)) / threads)
+# reading a parent's tensors (page cache -> tensors, as the engine loads them)
+path = sys.argv[1]
+def read():
+    with safe_open(path, "pt") as handle:
+        for key in handle.keys():
+            handle.get_tensor(key).float()
+import os
+result["read_bandwidth"] = os.path.getsize(path) / cpu(read, 2)
+# Sinkhorn on the cost of two random layers (what random-init parents give), one thread
+# mostly (matrix-vector products): passes over the kernel, at memory_bandwidth
+for n, f in ((768, 3072), (3072, 768)):
+    m1, m2 = torch.randn(n, f) * 0.02, torch.randn(n, f) * 0.02
+    cost = block_cost([m1], [m2])
+    seconds = cpu(lambda: sinkhorn(cost, 0.05), 1) / threads
+    width = 8 if cost.numel() <= 4_000_000 else 4
+    result[f"sinkhorn_passes_{n}"] = seconds * result["memory_bandwidth"] / (width * 2 * n * n)
+# exact assignment (lapx, one core)
+n = 3072
+cost = torch.rand(n, n)
+result["emd_seconds_per_n3"] = cpu(lambda: assign(cost), 1) / n**3
+print(json.dumps(result))
+"""
+
+
+def calibrate(folder: Path) -> dict:
+    """The cost model's machine constants, measured in a fresh process in CPU seconds (per
+    thread busy), so a loaded machine changes them less than wall time would."""
+    done = subprocess.run(
+        [sys.executable, "-c", CALIBRATE, str(folder / "model.safetensors")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
 
 def make_pair(workdir: Path, kind: str, layers: int) -> list[Path]:
     folders = []
@@ -148,7 +210,18 @@ def main() -> None:
     parser.add_argument("--cases", default="vanilla,sinkhorn,emd")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "plan-check")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--calibrate", action="store_true", help="measure the machine constants and exit"
+    )
     args = parser.parse_args()
+    if args.calibrate:
+        folder = make_pair(args.workdir, "bert", 12)[0]
+        constants = CostModel()
+        for name, value in calibrate(folder).items():
+            current = getattr(constants, name, None)
+            shown = f"{current:.3g}" if current is not None else "-"
+            print(f"{name:<24} measured {value:.3g}   in plan_costs.py {shown}")
+        return
     rows = []
     header = (
         f"{'pair':<12} {'case':<9} {'est GiB':>8} {'meas GiB':>9} {'ratio':>6} "

@@ -5,14 +5,16 @@ Memory, on the host (and on the GPU for cuda):
 
     baseline            the process: Python, torch, transformers, fusion_core imported
   + parents resident    file pages of the parents kept mapped (mmap reads stay in RSS)
-  + largest step        one step's tensors of every parent (a layer; an attention block's
-                        Q, K, V together): as stored, in float32 on the device times
-                        WORK_COPIES (loaded, aligned, the running average), its fused output,
-                        and its cost matrices; embeddings in row blocks when the engine does so
+  + step                the tensors of every parent loaded together (a layer; an attention
+                        block's Q, K, V), in float32 on the device times WORK_COPIES (loaded,
+                        aligned, the running average, temporaries); on cuda also as stored
+                        and fused on the host; vocabulary tables in row blocks when the
+                        engine does so
   + plans               per non-anchor model n_model x n_anchor float32 for the maps alive at
                         once (the plan and its normalized maps: PLAN_COPIES when soft)
   + solver              the largest Sinkhorn problem's temporaries (cost, kernel, scaled)
-  + output buffer       fused bytes held before they are written (one shard)
+  + output buffer       fused bytes held before they are written (the whole model for the
+                        in-memory engine; the streaming one writes rows in place)
   + activations         calibration activations held (activation alignment, weighted merges)
 
 Time = bytes read / READ_BANDWIDTH + bytes written / WRITE_BANDWIDTH + float32 passes over
@@ -23,7 +25,9 @@ assignment's n^3 worst case) + forward passes for activations.
 
 The engine's own structure is an `EngineProfile`: today's engine holds every plan of a walk
 and the whole fused model until it writes it; the streaming engine of issue 9 frees plans
-when no later node needs them and writes shard by shard. `bench/plan_check.py` measures
+when no later node needs them, reads rows into memory it owns (no mmap), processes
+vocabulary tables in 32 MiB row blocks, and writes each tensor's rows in place in shards
+laid out from the anchor's headers. `bench/plan_check.py` measures
 fusions side by side with these estimates and prints the ratios; the constants below were
 calibrated with it on the 2-core development machine (see docs/benchmarks.md).
 """
@@ -51,7 +55,9 @@ class EngineProfile:
     name: str
     plans_freed: bool  # a plan is dropped after the last node that reads it
     vanilla_plans: bool  # vanilla builds (dense identity) plans and applies them
-    row_block: int | None  # rows of a vocabulary-sized table processed at once (None: all)
+    # float32 bytes of rows processed at once where no plan acts on a tensor's rows
+    # (vocabulary tables); None: whole tensors
+    row_block_bytes: int | None
     shard_bytes: float  # fused bytes held before a write (inf: the whole model)
     output_copies: float  # copies of the held output while it is serialized
     parents_resident: float  # fraction of the parents' file bytes that stays in RSS
@@ -63,7 +69,7 @@ CURRENT = EngineProfile(
     name="in-memory",
     plans_freed=False,
     vanilla_plans=True,
-    row_block=None,
+    row_block_bytes=None,
     shard_bytes=math.inf,
     output_copies=1.0,  # the fused tensors (save_file adds no measurable copy)
     parents_resident=1.0,  # safe_open handles stay open: every page read stays mapped
@@ -75,8 +81,8 @@ STREAMING = EngineProfile(
     name="streaming",
     plans_freed=True,
     vanilla_plans=False,
-    row_block=8192,
-    shard_bytes=5e9,  # max_shard_size's default
+    row_block_bytes=32 << 20,
+    shard_bytes=0.0,  # shards laid out from the anchor's headers, rows written in place
     output_copies=1.0,
     parents_resident=0.0,
     activations_per_layer=True,
@@ -94,16 +100,16 @@ class CostModel:
     baseline_bytes: float = 520 * MIB  # python + torch + transformers + fusion_core, measured
     cuda_host_bytes: float = 1.5 * (1 << 30)  # the CUDA context's host memory (libraries)
     cuda_device_bytes: float = 0.5 * (1 << 30)  # the CUDA context on the device
-    work_copies: float = 3.0  # float32 copies of a step's tensors alive at once
+    work_copies: float = 2.5  # float32 copies of a step's tensors alive at once (measured)
     solver_copies: float = 4.0  # Sinkhorn's cost, scaled cost, kernel and a temporary
     # time, CPU
-    cpu_flops: float = 80e9  # float32 GEMM, 2 cores (measured 80-90 GFLOP/s)
-    read_bandwidth: float = 1.0e9  # safetensors from page cache to tensors, bytes/s
+    cpu_flops: float = 170e9  # float32 GEMM on 2 idle cores (measured 177e9: CPU s / threads)
+    read_bandwidth: float = 3e9  # safetensors from page cache to tensors, bytes/s
     write_bandwidth: float = 0.8e9  # safetensors serialization and write, bytes/s
-    memory_bandwidth: float = 4e9  # float32 elementwise passes, bytes/s
+    memory_bandwidth: float = 8.5e9  # float32 elementwise passes, bytes/s (measured 8.8e9)
     elementwise_passes: float = 6.0  # convert, scale, add, convert back... per tensor element
-    sinkhorn_passes: float = 60.0  # passes over an n x m kernel (iterations and annealing)
-    emd_seconds_per_n3: float = 4e-10  # LAPJV worst case (lapx), measured on 3072^2
+    sinkhorn_passes: float = 30.0  # passes over an n x m kernel (measured 19-33)
+    emd_seconds_per_n3: float = 1e-11  # LAPJV (lapx): 0.2-0.3 s at 3072^2, one core
     # time, CUDA (data sheet: fp32 without TF32, HBM, PCIe 4; launch-bound solver loops)
     cuda_flops: float = 40e12
     cuda_memory_bandwidth: float = 1.5e12
@@ -137,8 +143,9 @@ def estimate(
     def rows(p, shape) -> int:
         """Elements of a tensor processed at once (vocabulary tables in row blocks)."""
         numel = math.prod(shape)
-        if engine.row_block and p.axes and p.axes[0] is None and len(shape) == 2:
-            return min(shape[0], engine.row_block) * shape[1]
+        if engine.row_block_bytes and p.axes and p.axes[0] is None and len(shape) > 1:
+            per_row = numel // max(shape[0], 1)
+            return min(numel, max(1, engine.row_block_bytes // (4 * per_row)) * per_row)
         return numel
 
     maps = graph.maps() if graph.ot else (graph.identity_maps() if engine.vanilla_plans else [])
@@ -197,12 +204,12 @@ def estimate(
                     entry = m.entry(p.name)
                     n = rows(p, entry.shape)
                     read_so_far += entry.nbytes
-                    if entry.dtype != "F32" or cuda:  # else the loaded tensor is the float32 one
+                    if cuda:  # on CPU the stored copy is freed as it is converted
                         stored += n * DTYPE_BYTES[entry.dtype]
                     f32 += 4 * n
             entry = anchor.entry(p.name)
             out_so_far += entry.nbytes
-            if entry.dtype != "F32" or cuda:
+            if cuda:  # the fused rows back on the host, before they are written
                 out += rows(p, entry.shape) * DTYPE_BYTES[entry.dtype]
         alive = [
             m for m in maps if m.live[0] <= end and (not engine.plans_freed or m.live[1] >= at)
@@ -212,13 +219,13 @@ def estimate(
             "plans": sum(plan_bytes(m) for m in alive),
             "solver": max(solving, default=0.0),
             "activations": acts,
-            "largest step": costs.work_copies * f32,
+            "step": costs.work_copies * f32,
         }
         host = {
             "baseline": base,
             "parents resident": engine.parents_resident * read_so_far,
             "output buffer": min(out_so_far, engine.shard_bytes) * engine.output_copies,
-            "step as stored": stored + out,
+            "step on the host": stored + out,
         }
         if cuda:
             device = {"context": costs.cuda_device_bytes, **held}

@@ -10,7 +10,6 @@ import math
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 
 import pytest
 from factories import save, tiny_bert, tiny_decoder, tiny_vit, widened_copy
@@ -128,9 +127,9 @@ def test_an_unreadable_model_is_an_input_error_at_its_place(folders, tmp_path):
 
 def test_a_streaming_engine_s_peak_does_not_grow_with_depth(tmp_path):
     """The cost model's structure: the in-memory engine holds every plan and the whole
-    output, so its peak grows with depth; the streaming engine's does not once the model is
-    larger than a shard, and its time grows with depth."""
-    streaming = CostModel(engine=replace(STREAMING, shard_bytes=1 << 16))
+    output, so its peak grows with depth; the streaming engine's does not, and its time grows
+    with depth."""
+    streaming = CostModel(engine=STREAMING)
     estimates = {}
     for layers in (2, 6):
         models = [tiny_bert(seed=s, layers=layers, hidden=64, intermediate=256) for s in (0, 1)]
@@ -140,7 +139,7 @@ def test_a_streaming_engine_s_peak_does_not_grow_with_depth(tmp_path):
     assert estimates["streaming", 6].host_peak_bytes == estimates["streaming", 2].host_peak_bytes
     assert estimates["current", 6].host_peak_bytes > estimates["current", 2].host_peak_bytes
     assert estimates["streaming", 6].seconds > 2 * estimates["streaming", 2].seconds
-    cuda = local_plan(folders, replace(FusionSpec(), device="cuda")).estimate
+    cuda = local_plan(folders, FusionSpec(device="cuda")).estimate
     assert cuda.device_peak_bytes and cuda.device_peak_bytes > 0
 
 
