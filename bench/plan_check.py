@@ -10,7 +10,8 @@ the wall time stretches with the load, so compare at load ~0. The parents are ra
 made here and cached under --workdir: a BERT-base
 pair (float32) and Llama-3.2-1B-shaped pairs (hidden 2048, 32 heads, 8 key/value heads, MLP
 8192, vocab 128256, tied embeddings, bf16) at 2 and 16 layers. A case whose estimate does not
-fit in 80% of the memory available now is skipped, as the service would refuse it. Goals
+fit in half the memory available now (a shared machine) is skipped, as the service would
+refuse it. Goals
 (issue 9): memory within 30%, time within 2x. Prints one table.
 """
 
@@ -240,10 +241,10 @@ def main() -> None:
                 print(f"{pair:<12} {case:<9} not compatible: {report.problem}")
                 continue
             est = report.estimate
-            if est.host_peak_bytes > 0.8 * available_bytes():
+            if est.host_peak_bytes > 0.5 * available_bytes():
                 print(
                     f"{pair:<12} {case:<9} {est.host_peak_bytes / GIB:8.2f} {'skipped':>9}  "
-                    f"(> 80% of {available_bytes() / GIB:.1f} GiB available)   "
+                    f"(> 50% of {available_bytes() / GIB:.1f} GiB available)   "
                     f"{est.seconds:7.1f}"
                 )
                 continue
