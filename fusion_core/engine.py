@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import solvers
-from .compat import check_attention_policy
+from .compat import STREAM_REFINEMENTS, check_attention_policy
 from .cost import block_cost, neuron_rows, pairwise_cost
 from .errors import CancelledError, IncompatibleModelsError, InputError
 from .families import Attention, Layer, Merge, Node, Param, Tap, axis_spaces
@@ -57,8 +57,6 @@ class EngineResult:
     plans: list[PlanRecord] = field(default_factory=list)
     dtypes: dict[int, list[str]] = field(default_factory=dict)  # model -> stored dtypes read
 
-
-STREAM_REFINEMENTS = 2  # weights-based shared stream: re-solve it after the inner plans
 
 Activations = dict[int, dict[Tap, torch.Tensor]]  # model index -> tap -> (tokens, n)
 # The layer being fused and its loaded tensors (model's, anchor's): reused for its features.
