@@ -141,7 +141,14 @@ HEALED = _example_job(
         "metrics_uri": OUT + "metrics.json",
         "report_uri": OUT + "report.html",
         "transport_maps_uri": OUT + "transport_maps.safetensors",
-        "chosen": {"solver": "sinkhorn", "reg": 0.055},
+        "chosen": {
+            "anchor": 1,
+            "alignment": "activations",
+            "residual": "shared",
+            "heads": "cross",
+            "solver": "sinkhorn",
+            "reg": 0.023,
+        },
         "metrics": {
             "schema_version": 1,
             "task": "classification",
@@ -159,15 +166,31 @@ HEALED = _example_job(
             "sweep": {
                 "selected_on": "s3://models/digits/calib.safetensors",
                 "metric": "accuracy",
-                "chosen": {"solver": "sinkhorn", "reg": 0.055},
+                "chosen": {
+                    "anchor": 1,
+                    "alignment": "activations",
+                    "residual": "shared",
+                    "heads": "cross",
+                    "solver": "sinkhorn",
+                    "reg": 0.023,
+                },
+                "mode": "auto",
+                "reason": "best calibration accuracy (0.9400) among 32 recipes tried (stopped "
+                "by the points budget); runner-up: anchor 1, activations, shared, cross heads, "
+                "emd (0.9300)",
                 "points": [
                     {
+                        "anchor": 1,
+                        "alignment": "activations",
+                        "residual": "shared",
+                        "heads": "cross",
                         "solver": "sinkhorn",
-                        "reg": 0.055,
+                        "reg": 0.023,
                         "calib": {"accuracy": 0.94, "loss": 0.22, "examples": 360},
-                        "eval": {"accuracy": 0.93, "loss": 0.25, "examples": 360},
+                        "eval": None,
                         "seconds": 0.41,
                         "chosen": True,
+                        "phase": "refine",
                     }
                 ],
             },
