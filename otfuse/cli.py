@@ -55,32 +55,31 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--alignment",
         choices=ALIGNMENTS,
-        default=POLICY.alignment,
-        help="what the OT cost compares: weight rows (default) or activations on --data",
+        help="what the OT cost compares: weight rows (default) or activations on --data; "
+        "given, it pins a search to it",
     )
     parser.add_argument(
         "--solver",
         choices=SOLVERS,
-        default=POLICY.solver,
-        help="emd: exact hard alignment; sinkhorn: soft alignment (default)",
+        help="emd: exact hard alignment; sinkhorn: soft alignment (default); given, it pins a "
+        "search to it",
     )
     parser.add_argument(
         "--reg",
         type=_reg_or_fail,
-        default=DEFAULT_REG,
         metavar="FLOAT|LIST|auto",
-        help="Sinkhorn regularizer on the max-normalized cost (default 0.05; smaller is "
-        "harder). A comma-separated list (numbers and/or emd) or auto (EMD and Sinkhorn "
+        help=f"Sinkhorn regularizer on the max-normalized cost (default {DEFAULT_REG:g}; smaller "
+        "is harder). A comma-separated list (numbers and/or emd) or auto (EMD and Sinkhorn "
         "0.01..0.3, 5 log-spaced values) sweeps: one fusion per value, the best one-shot on "
-        "--calib-data is kept",
+        "--calib-data is kept; given, it pins a search's solver points",
     )
     parser.add_argument(
         "--residual",
-        default=POLICY.residual,
         choices=RESIDUALS,
         help="how TMs merge at residual additions (default average; weighted "
         "policies use the anchor's activations on --data; shared: one TM for the whole "
-        "residual stream, which keeps each aligned model's function under hard alignment)",
+        "residual stream, which keeps each aligned model's function under hard alignment); "
+        "given, it pins a search to it",
     )
     parser.add_argument(
         "--filter",
@@ -98,17 +97,41 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--heads",
         choices=HEAD_MODES,
-        default=POLICY.heads,
         help="matched (default): heads paired one to one (key/value groups first under "
         "grouped-query attention), dimensions aligned inside pairs; cross: the paper's "
-        "cross-head alignment over all heads' dimensions (not for rotary models)",
+        "cross-head alignment over all heads' dimensions (not for rotary models); given, it "
+        "pins a search to it",
     )
     parser.add_argument(
         "--anchor",
         type=int,
-        default=0,
         metavar="INDEX",
-        help="index of the model whose shapes and space the others join (default 0)",
+        help="index of the model whose shapes and space the others join (default 0; a search "
+        "tries every model when they have equal shapes, unless this is given)",
+    )
+    parser.add_argument(
+        "--policy",
+        metavar="auto|fixed|JSON",
+        help="auto: search alignment x residual (average, shared, weighted-scalar) x heads x "
+        "solver point (EMD, Sinkhorn 0.01..0.3) and the anchor, scored on --calib-data (never "
+        "--eval-data), cheap recipes first; flags given pin their axis. fixed: the recipe the "
+        "flags give. A JSON list of recipes (objects with alignment, residual, heads, solver, "
+        "reg, anchor): those only. Default: auto with --calib-data, else fixed",
+    )
+    parser.add_argument(
+        "--search-budget",
+        type=int,
+        default=POLICY.search_budget,
+        metavar="N",
+        help=f"most recipes a search fuses (default {POLICY.search_budget})",
+    )
+    parser.add_argument(
+        "--search-seconds",
+        type=_float_or_fail,
+        default=POLICY.search_seconds,
+        metavar="S",
+        help=f"no new recipe is started after S seconds of search (default "
+        f"{POLICY.search_seconds:g})",
     )
     parser.add_argument(
         "--weights",
@@ -185,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib-data",
         type=Path,
         metavar="FILE",
-        help="held-out labelled inputs on which a --reg sweep picks its value (default: "
-        "--data); must differ from --eval-data",
+        help="held-out labelled inputs on which the recipe search (--policy auto, the "
+        "default with this flag) or a --reg sweep picks the fusion (default: --data); must "
+        "differ from --eval-data",
     )
     job.add_argument(
         "--finetune-data",
@@ -313,6 +337,10 @@ FLAGS = {
     "models": "MODEL_DIR",
     "anchor": "--anchor",
     "method": "--method",
+    "policy": "--policy",
+    "policy.search": "--policy",
+    "policy.search_budget": "--search-budget",
+    "policy.search_seconds": "--search-seconds",
     "policy.alignment": "--alignment",
     "policy.solver": "--solver",
     "policy.residual": "--residual",
@@ -371,21 +399,23 @@ def job_spec(args: argparse.Namespace):
         }
         if all(v is None for v in budget) and args.finetune_data is not None:
             finetune["epochs"] = 1.0  # the documented default budget
+    policy = {
+        "filter": args.filter,
+        "qk": args.qk,
+        "samples": args.samples,
+        "device": args.device,
+        "search_budget": args.search_budget,
+        "search_seconds": args.search_seconds,
+    }
+    # only the flags given: a search keeps them (pinned) and searches the others
+    given = {"alignment": args.alignment, "solver": args.solver, "residual": args.residual}
+    policy.update({k: v for k, v in {**given, "heads": args.heads}.items() if v is not None})
+    if args.policy is not None:
+        policy["search"] = _policy_value(args.policy)
     document = {
         "models": [str(m) for m in args.models],
-        "anchor": args.anchor,
         "method": args.method,
-        "policy": {
-            "alignment": args.alignment,
-            "solver": args.solver,
-            "residual": args.residual,
-            "filter": args.filter,
-            "qk": args.qk,
-            "heads": args.heads,
-            "samples": args.samples,
-            "device": args.device,
-        },
-        "regularizer": regularizer,
+        "policy": policy,
         "weights": args.weights,
         "data": {
             "activations": path(args.data),
@@ -397,7 +427,21 @@ def job_spec(args: argparse.Namespace):
         "artifacts": {"transport_maps": args.save_transport_maps, "report": args.report},
         "output": str(args.out) if args.out is not None else None,
     }
+    if args.anchor is not None:
+        document["anchor"] = args.anchor
+    if regularizer is not None:
+        document["regularizer"] = regularizer
     return parse_job(document)
+
+
+def _policy_value(text: str):
+    """auto, fixed, or a JSON list of recipes (refused by the contract when it is not)."""
+    if text.strip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"not a JSON list of recipes: {exc}", "policy.search") from None
+    return text.strip().lower()
 
 
 HUB = {"offline": False}
@@ -443,6 +487,7 @@ def _fuse(args: argparse.Namespace) -> int:
         fusion_spec,
         reg_points,
         regs_argument,
+        search_space,
         validate_job,
     )
     from fusion_core.job import fuse_job
@@ -460,8 +505,10 @@ def _fuse(args: argparse.Namespace) -> int:
     warning = None if args.quiet else _memory_warning(models, recipe)
     if warning:
         print(warning, file=sys.stderr)
+    search = search_space(spec)
     plain = (
-        len(reg_points(spec)) == 1
+        search.mode == "fixed"
+        and len(reg_points(spec)) == 1
         and data.eval is None
         and data.calibration is None
         and spec.finetune is None
@@ -476,6 +523,7 @@ def _fuse(args: argparse.Namespace) -> int:
             progress=show,
             allow_pickle=args.allow_weights_only_pickle,
             names=names,
+            search={"mode": "fixed", "why": search.reason},
         )
         if not args.quiet:
             print(
@@ -488,6 +536,7 @@ def _fuse(args: argparse.Namespace) -> int:
         args.out,
         recipe,
         regs=regs_argument(spec),
+        search=search,
         data=data.activations,
         eval_data=data.eval,
         calib_data=data.calibration,
@@ -511,9 +560,12 @@ def _summary(metrics: dict) -> str:
     lines = []
     sweep = metrics.get("sweep")
     if sweep:
-        chosen = sweep["chosen"]
-        what = "emd" if chosen["solver"] == "emd" else f"sinkhorn reg={chosen['reg']:g}"
-        lines.append(f"chosen on calibration data by {sweep['metric']}: {what}")
+        from fusion_core.job import recipe_label
+
+        lines.append(
+            f"chosen on calibration data by {sweep['metric']} ({len(sweep['points'])} recipes "
+            f"tried): {recipe_label(sweep['chosen'])}"
+        )
     for row in metrics.get("evaluation", []):
         if row.get("skipped"):
             lines.append(f"  {row['name']:<18} skipped ({row['skipped']})")

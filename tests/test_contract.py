@@ -75,6 +75,33 @@ CASES = [
     ("policy.samples", {"policy": {"samples": 0}}, ["--samples", "0"]),
     ("policy.filter", {"policy": {"filter": "window-x"}}, ["--filter", "window-x"]),
     ("policy.device", {"policy": {"device": "tpu"}}, ["--device", "tpu"]),
+    ("policy.search", {"policy": "sometimes"}, ["--policy", "sometimes"]),
+    ("policy.search", {"policy": [{"solver": "lbfgs"}]}, ["--policy", '[{"solver": "lbfgs"}]']),
+    ("policy.search", {"policy": [{"reg": -1}]}, ["--policy", '[{"reg": -1}]']),
+    ("policy.search", {"policy": []}, ["--policy", "[]"]),
+    (
+        "policy.search",
+        {"policy": [{"anchor": 7}], "data": {"calibration": D}},
+        ["--policy", '[{"anchor": 7}]', "--calib-data", D],
+    ),
+    (
+        "policy.search",
+        {"method": "vanilla", "policy": "auto", "data": {"calibration": D}},
+        ["--method", "vanilla", "--policy", "auto", "--calib-data", D],
+    ),
+    ("data.calibration", {"policy": "auto"}, ["--policy", "auto"]),
+    (
+        "data.calibration",
+        {"policy": [{"reg": 0.1}, {"solver": "emd"}]},
+        ["--policy", '[{"reg": 0.1}, {"solver": "emd"}]'],
+    ),
+    (
+        "data.calibration",
+        {"policy": "auto", "data": {"calibration": D, "eval": D}},
+        ["--calib-data", D, "--eval-data", D],
+    ),
+    ("policy.search_budget", {"policy": {"search_budget": 0}}, ["--search-budget", "0"]),
+    ("policy.search_seconds", {"policy": {"search_seconds": -1}}, ["--search-seconds", "-1"]),
 ]
 IDS = [f"{case[0]}-{i}" for i, case in enumerate(CASES)]
 
@@ -155,7 +182,7 @@ def _leaves(model: type, prefix: str = "") -> set[str]:
 
 def test_every_field_of_the_spec_has_a_flag_or_is_the_service_s():
     service_only = {"name", "labels", "finetune.warmup", "finetune.weight_decay", "finetune.seed"}
-    assert _leaves(JobSpec) - service_only == set(FLAGS) - {"finetune"}
+    assert _leaves(JobSpec) - service_only == set(FLAGS) - {"finetune", "policy"}
 
 
 def test_the_api_validates_without_torch(tmp_path, parents):

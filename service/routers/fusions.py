@@ -17,6 +17,7 @@ from fusion_core.plan import PlanReport
 
 from .. import jobs
 from ..auth import tenant, tenant_of
+from ..direct import DirectRoute
 from ..jobs import check_submit_rate
 from ..models import Job, JobList, Problem, Status
 from ..plan_example import PLAN_EXAMPLE
@@ -24,6 +25,18 @@ from ..problems import ProblemError
 
 router = APIRouter(prefix="/fusions", tags=["fusions"])
 _ID = re.compile(r"^[0-9a-f]{24}$")
+
+
+def _get(path: str, **kwargs):
+    """A GET route served by DirectRoute (see service/direct.py)."""
+
+    def register(endpoint):
+        router.add_api_route(
+            path, endpoint, methods=["GET"], route_class_override=DirectRoute, **kwargs
+        )
+        return endpoint
+
+    return register
 
 
 def _problem_responses(*codes: int) -> dict:
@@ -128,7 +141,14 @@ HEALED = _example_job(
         "metrics_uri": OUT + "metrics.json",
         "report_uri": OUT + "report.html",
         "transport_maps_uri": OUT + "transport_maps.safetensors",
-        "chosen": {"solver": "sinkhorn", "reg": 0.055},
+        "chosen": {
+            "anchor": 1,
+            "alignment": "activations",
+            "residual": "shared",
+            "heads": "cross",
+            "solver": "sinkhorn",
+            "reg": 0.023,
+        },
         "metrics": {
             "schema_version": 1,
             "task": "classification",
@@ -146,15 +166,31 @@ HEALED = _example_job(
             "sweep": {
                 "selected_on": "s3://models/digits/calib.safetensors",
                 "metric": "accuracy",
-                "chosen": {"solver": "sinkhorn", "reg": 0.055},
+                "chosen": {
+                    "anchor": 1,
+                    "alignment": "activations",
+                    "residual": "shared",
+                    "heads": "cross",
+                    "solver": "sinkhorn",
+                    "reg": 0.023,
+                },
+                "mode": "auto",
+                "reason": "best calibration accuracy (0.9400) among 32 recipes tried (stopped "
+                "by the points budget); runner-up: anchor 1, activations, shared, cross heads, "
+                "emd (0.9300)",
                 "points": [
                     {
+                        "anchor": 1,
+                        "alignment": "activations",
+                        "residual": "shared",
+                        "heads": "cross",
                         "solver": "sinkhorn",
-                        "reg": 0.055,
+                        "reg": 0.023,
                         "calib": {"accuracy": 0.94, "loss": 0.22, "examples": 360},
-                        "eval": {"accuracy": 0.93, "loss": 0.25, "examples": 360},
+                        "eval": None,
                         "seconds": 0.41,
                         "chosen": True,
+                        "phase": "refine",
                     }
                 ],
             },
@@ -199,7 +235,7 @@ async def _owned(request: Request, job_id: str, who: str) -> tuple[bytes, dict]:
     return raw, job
 
 
-@router.get(
+@_get(
     "/{job_id}",
     operation_id="get_job",
     summary="A job: status, stage, progress, result",
