@@ -131,8 +131,10 @@ def plan(
     limits: Limits | None = None,
     data_tokens: int | None = None,
     costs: CostModel | None = None,
+    fusions: int = 1,
 ) -> PlanReport:
-    """The plan of fusing `folders` with `spec` (validated for their count). Incompatible
+    """The plan of fusing `folders` with `spec` (validated for their count); `fusions`: how
+    many a job runs (a sweep or recipe search fuses once per point). Incompatible
     models give a report with `compatible: false` and the reason; unreadable or oversized
     inputs raise InputError, as the fusion would."""
     spec = spec.validate(len(folders))
@@ -175,7 +177,7 @@ def plan(
         graph.fused(),
         graph.spaces(),
         graph.maps(),
-        estimate(graph, spec, costs or CostModel(), data_tokens),
+        estimate(graph, spec, costs or CostModel(), data_tokens, fusions),
     )
 
 
@@ -572,7 +574,10 @@ def format_report(report: PlanReport) -> str:
         )
         parts = [f"{k} {_gib(v)}" for k, v in est.memory.items() if v >= 1 << 20]
         lines.append("    " + ", ".join(parts))
-        lines.append(f"  time ~{est.seconds:.1f} s")
+        total = ""
+        if est.fusions > 1:
+            total = f" per fusion, ~{est.job_seconds:.0f} s for the job's {est.fusions} fusions"
+        lines.append(f"  time ~{est.seconds:.1f} s{total}")
         parts = [f"{k} {v:.1f} s" for k, v in est.time.items() if v >= 0.05]
         if parts:
             lines.append("    " + ", ".join(parts))
@@ -587,6 +592,7 @@ def local_plan(
     data: str | None = None,
     limits: Limits | None = None,
     costs: CostModel | None = None,
+    fusions: int = 1,
 ) -> PlanReport:
     """The plan of local checkpoint folders (and a local data file's shape)."""
     folders = [LocalFolder(Path(m.removeprefix("file://"))) for m in models]
@@ -594,7 +600,7 @@ def local_plan(
     if data is not None:
         path = Path(data.removeprefix("file://"))
         tokens = data_tokens(LocalFolder(path.parent), path.name, spec.samples)
-    return plan(folders, spec, limits, tokens, costs)
+    return plan(folders, spec, limits, tokens, costs, fusions)
 
 
 def data_tokens(folder: Folder, name: str, samples: int) -> int | None:

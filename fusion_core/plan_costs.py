@@ -124,15 +124,21 @@ class Estimate:
     engine: str
     host_peak_bytes: int
     device_peak_bytes: int | None  # cuda only
-    seconds: float
+    seconds: float  # one fusion
     memory: dict[str, int] = field(default_factory=dict)  # the parts of the peak
     time: dict[str, float] = field(default_factory=dict)
     flops: float = 0.0
     notes: list[str] = field(default_factory=list)
+    fusions: int = 1  # fusions the job runs (a sweep or recipe search: one per point)
+    job_seconds: float = 0.0  # all of them
 
 
 def estimate(
-    graph: Graph, spec: FusionSpec, costs: CostModel, data_tokens: int | None = None
+    graph: Graph,
+    spec: FusionSpec,
+    costs: CostModel,
+    data_tokens: int | None = None,
+    fusions: int = 1,
 ) -> Estimate:
     engine = costs.engine
     cuda = spec.device.startswith("cuda")
@@ -312,4 +318,6 @@ def estimate(
         time={k: round(v, 3) for k, v in time.items()},
         flops=flops,
         notes=notes,
+        fusions=fusions,
+        job_seconds=sum(time.values()) * fusions,
     )

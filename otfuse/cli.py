@@ -276,11 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     planner.add_argument("models", nargs="+", metavar="MODEL_DIR", help="checkpoint folders (≥ 2)")
     add_recipe_flags(planner)
+    planner.add_argument(
+        "--calib-data",
+        type=Path,
+        metavar="FILE",
+        help="the calibration data of a sweep or search (the plan counts its fusions)",
+    )
+    planner.add_argument(
+        "--eval-data", type=Path, metavar="FILE", help="as for fuse (checked, not read)"
+    )
     planner.add_argument("--json", action="store_true", help="the plan as JSON on stdout")
     planner.set_defaults(
         out=None,
-        eval_data=None,
-        calib_data=None,
         finetune_data=None,
         finetune_steps=None,
         finetune_epochs=None,
@@ -578,14 +585,15 @@ def _summary(metrics: dict) -> str:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from fusion_core.contract import fusion_spec, validate_job
+    from fusion_core.contract import fusion_spec, search_space, validate_job
     from fusion_core.plan import local_plan, plan_device
 
     spec = validate_job(job_spec(args))
     if any(m.startswith("hf://") for m in spec.models):
         raise InputError("plan reads local folders; fetch hf:// models first", "models")
     recipe = fusion_spec(spec, plan_device(spec.policy.device))
-    report = local_plan(spec.models, recipe, spec.data.activations)
+    fusions = search_space(spec).planned(len(spec.models))
+    report = local_plan(spec.models, recipe, spec.data.activations, fusions=fusions)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
