@@ -170,6 +170,82 @@ def make_pair(workdir: Path, kind: str, layers: int) -> list[Path]:
     return folders
 
 
+LLAMA_3_8B = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+}
+
+SPARSE = """
+import json, math, os, sys, torch, transformers
+folder, config = sys.argv[1], json.loads(sys.argv[2])
+config = transformers.LlamaConfig(**config)
+config.architectures = ["LlamaForCausalLM"]
+with torch.device("meta"):
+    skeleton = transformers.LlamaForCausalLM(config)
+header, offset = {}, 0
+for key, t in skeleton.state_dict().items():
+    if key == "lm_head.weight" and config.tie_word_embeddings:
+        continue
+    size = math.prod(t.shape) * 2
+    header[key] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+    offset += size
+raw = json.dumps(header).encode()
+raw += b" " * (-len(raw) % 8)
+with open(folder + "/model.safetensors", "wb") as handle:
+    handle.write(len(raw).to_bytes(8, "little") + raw)
+    handle.truncate(8 + len(raw) + offset)  # sparse: the plan reads headers only
+config.save_pretrained(folder)
+"""
+
+
+def make_sparse_pair(workdir: Path, name: str, config: dict) -> list[Path]:
+    """A pair whose safetensors files hold real headers over holes (no disk used): enough for
+    a plan, which never reads tensors."""
+    folders = []
+    for seed in (0, 1):
+        folder = workdir / f"{name}-sparse-{seed}"
+        if not (folder / "config.json").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            code = [sys.executable, "-c", SPARSE, str(folder), json.dumps(config)]
+            subprocess.run(code, check=True, cwd=REPO, capture_output=True)
+        folders.append(folder)
+    return folders
+
+
+def predictions(workdir: Path) -> None:
+    """What the plan predicts for pairs too large to fuse here: Llama-3.2-1B- and
+    Llama-3-8B-shaped (bf16), with today's engine and the streaming one, CPU and CUDA."""
+    from fusion_core.plan_costs import CURRENT, STREAMING
+
+    print(
+        f"{'pair':<10} {'case':<9} {'engine':<10} {'device':<5} {'host GiB':>9} "
+        f"{'GPU GiB':>8} {'s':>8}"
+    )
+    for name, config in (("llama-1b", LLAMA_1B), ("llama-8b", LLAMA_3_8B)):
+        folders = make_sparse_pair(workdir, name, config)
+        for case in ("vanilla", "sinkhorn"):
+            for engine in (CURRENT, STREAMING):
+                for device in ("cpu", "cuda"):
+                    spec = FusionSpec(**{**CASES[case].__dict__, "device": device})
+                    est = plan(
+                        [LocalFolder(f) for f in folders], spec, costs=CostModel(engine=engine)
+                    ).estimate
+                    gpu = (
+                        f"{est.device_peak_bytes / GIB:8.1f}" if est.device_peak_bytes else " " * 8
+                    )
+                    print(
+                        f"{name:<10} {case:<9} {engine.name:<10} {device:<5} "
+                        f"{est.host_peak_bytes / GIB:9.1f} {gpu} {est.seconds:8.0f}"
+                    )
+
+
 PAIRS = {
     "bert-base": ("bert", 12),
     "llama-1b-2l": ("llama", 2),
@@ -214,7 +290,15 @@ def main() -> None:
     parser.add_argument(
         "--calibrate", action="store_true", help="measure the machine constants and exit"
     )
+    parser.add_argument(
+        "--predict",
+        action="store_true",
+        help="print the plan's figures for 1B- and 8B-shaped pairs (headers only) and exit",
+    )
     args = parser.parse_args()
+    if args.predict:
+        predictions(args.workdir)
+        return
     if args.calibrate:
         folder = make_pair(args.workdir, "bert", 12)[0]
         constants = CostModel()
