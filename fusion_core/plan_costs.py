@@ -109,7 +109,7 @@ class CostModel:
     memory_bandwidth: float = 8.5e9  # float32 elementwise passes, bytes/s (measured 8.8e9)
     elementwise_passes: float = 6.0  # convert, scale, add, convert back... per tensor element
     sinkhorn_passes: float = 30.0  # passes over an n x m kernel (measured 19-33)
-    emd_seconds_per_n3: float = 1e-11  # LAPJV (lapx): 0.2-0.3 s at 3072^2, one core
+    emd_seconds_per_n3: float = 1.5e-11  # LAPJV (lapx): 0.3-0.45 s on random-init 3072^2 costs
     # time, CUDA (data sheet: fp32 without TF32, HBM, PCIe 4; launch-bound solver loops)
     cuda_flops: float = 40e12
     cuda_memory_bandwidth: float = 1.5e12
