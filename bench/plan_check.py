@@ -50,7 +50,10 @@ CASES = {
     "vanilla": FusionSpec(method="vanilla"),
     "sinkhorn": FusionSpec(solver="sinkhorn", reg=0.05),
     "emd": FusionSpec(solver="emd"),
+    # activations of DATA_SAMPLES examples of DATA_SEQ tokens, held for every tap
+    "activations": FusionSpec(alignment="activations", samples=64),
 }
+DATA_SAMPLES, DATA_SEQ = 64, 128
 
 MAKE = """
 import sys, torch, transformers
@@ -88,7 +91,7 @@ import json, sys, time, resource
 from fusion_core import FusionSpec, fuse
 spec = FusionSpec(**json.loads(sys.argv[3]))
 started = time.perf_counter()
-fuse(sys.argv[1].split(","), sys.argv[2], spec)
+fuse(sys.argv[1].split(","), sys.argv[2], spec, data=sys.argv[4] or None)
 print(json.dumps({"seconds": time.perf_counter() - started}))
 """
 
@@ -261,14 +264,32 @@ def available_bytes() -> int:
     return 0
 
 
-def measure(folders: list[Path], spec: FusionSpec, out: Path) -> tuple[float, float, int]:
+def make_data(folder: Path) -> Path:
+    """Random token ids for activations: DATA_SAMPLES x DATA_SEQ, the parents' vocabulary."""
+    path = folder.parent / f"{folder.name}-tokens.safetensors"
+    if not path.is_file():
+        code = (
+            "import json, sys, torch; from safetensors.torch import save_file; "
+            "c = json.load(open(sys.argv[1] + '/config.json')); "
+            f"ids = torch.randint(c['vocab_size'], ({DATA_SAMPLES}, {DATA_SEQ})); "
+            "save_file({'input_ids': ids, 'attention_mask': torch.ones_like(ids)}, sys.argv[2])"
+        )
+        subprocess.run([sys.executable, "-c", code, str(folder), str(path)], check=True)
+    return path
+
+
+def measure(
+    folders: list[Path], spec: FusionSpec, out: Path, data: Path | None = None
+) -> tuple[float, float, int]:
     """(fusion wall seconds, the child's CPU seconds, peak RSS bytes) of one fusion in a
     fresh process. CPU seconds include the imports (about 3 s)."""
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    fields = {k: v for k, v in spec.__dict__.items() if k in ("method", "solver", "reg")}
+    chosen = ("method", "solver", "reg", "alignment", "samples")
+    fields = {k: v for k, v in spec.__dict__.items() if k in chosen}
     args = [sys.executable, "-c", RUN, ",".join(map(str, folders)), str(out), json.dumps(fields)]
+    args.append(str(data) if data else "")
     child = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(child.pid, 0)
     output = child.stdout.read()
@@ -319,7 +340,9 @@ def main() -> None:
         for case in args.cases.split(","):
             spec = CASES[case]
             started = time.perf_counter()
-            report = plan([LocalFolder(f) for f in folders], spec)
+            data = make_data(folders[0]) if spec.needs_activations else None
+            tokens = DATA_SAMPLES * DATA_SEQ if data else None
+            report = plan([LocalFolder(f) for f in folders], spec, data_tokens=tokens)
             plan_seconds = time.perf_counter() - started
             if not report.compatible or report.estimate is None:
                 print(f"{pair:<12} {case:<9} not compatible: {report.problem}")
@@ -333,7 +356,7 @@ def main() -> None:
                 )
                 continue
             load = os.getloadavg()[0]
-            seconds, cpu, peak = measure(folders, spec, args.workdir / "out")
+            seconds, cpu, peak = measure(folders, spec, args.workdir / "out", data)
             row = {
                 "pair": pair,
                 "case": case,
