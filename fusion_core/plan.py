@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .compat import ModelRoles, canonical_keys, check_attention_policy, check_compatible
 from .contract import as_job_error
-from .errors import FusionError, InputError
+from .errors import InputError
 from .families import Attention, Family, Layer, Merge, Node, Param, axis_spaces, resolve_family
 from .headers import Entry, Folder, Headers, LocalFolder, read_file_header, read_headers
 from .limits import Limits
@@ -138,14 +138,14 @@ def plan(
     models give a report with `compatible: false` and the reason; unreadable or oversized
     inputs raise InputError, as the fusion would."""
     spec = spec.validate(len(folders))
-    models = []
+    models, summaries = [], []
     for i, folder in enumerate(folders):
         try:
             models.append(open_headers(i, folder))
             (limits or Limits()).check_sizes(models[-1])
+            summaries.append(_summary(models[-1]))
         except InputError as error:  # a model's own fault: at its place in the job
             raise (error if error.field else error.renamed(f"models.{i}")) from None
-    summaries = [_summary(m) for m in models]
     anchor = models[spec.anchor]
     ordered = [anchor, *[m for m in models if m is not anchor]]
     try:
@@ -311,7 +311,7 @@ class Graph:
                     spaces = axis_spaces(tag)
                     if space in spaces:
                         return model.shape(p.name)[axis] // len(spaces)
-        raise FusionError(f"space {space} is on no tensor")
+        raise InputError(f"{model.label}: no tensor holds space {space}")
 
     def map_of(self, space: str) -> str:
         """The map a space uses: shared ones are named after what shares them."""
