@@ -90,12 +90,16 @@ STREAMING = EngineProfile(
 )
 
 
+# The engine this code runs: the cost model describes it by default.
+ENGINE = CURRENT
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Calibrated constants (bench/plan_check.py on the 2-core development machine; GPU
     figures from the H100's data sheet until measured there)."""
 
-    engine: EngineProfile = CURRENT
+    engine: EngineProfile = ENGINE
     # memory
     baseline_bytes: float = 520 * MIB  # python + torch + transformers + fusion_core, measured
     cuda_host_bytes: float = 1.5 * (1 << 30)  # the CUDA context's host memory (libraries)
