@@ -24,7 +24,7 @@ from .modelcard import model_card
 from .models import ParentModel, check_compatible, open_parent
 from .progress import Progress
 from .spec import FusionSpec
-from .writer import check_output_dir, write_checkpoint
+from .writer import CheckpointWriter, check_output_dir
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -153,13 +153,31 @@ def fuse_prepared(
     parents = prepared.parents
     anchor = parents[spec.anchor]
     engine = Engine(
-        parents, spec.anchor, prepared.nodes, spec, prepared.activations, report, should_cancel
+        parents,
+        spec.anchor,
+        prepared.nodes,
+        spec,
+        prepared.activations,
+        report,
+        should_cancel,
+        keep_plans=keep_plans,
     )
-    result = engine.run()
-    seconds = time.perf_counter() - started + prepared.seconds
-    record = fusion_record(prepared, anchor, spec, seconds, result, metrics)
-    write_checkpoint(out, anchor, result.tensors, record, model_card(record))
-    maps = _record_plans(engine) if keep_plans else None
+    buffers = [
+        name
+        for name in anchor.family.buffer_names(anchor.config_value("layers"))
+        if anchor.has(name)
+    ]
+    # the fused tensors go to disk as they are produced (sharded like Hugging Face does)
+    with CheckpointWriter(
+        out, anchor, engine.output_names() + buffers, spec.max_shard_size
+    ) as writer:
+        result = engine.run(writer.write)
+        for name in buffers:  # not fused: the anchor's own
+            writer.write(name, anchor.tensor(name))
+        seconds = time.perf_counter() - started + prepared.seconds
+        record = fusion_record(prepared, anchor, spec, seconds, result, metrics)
+        writer.publish(record, model_card(record))
+    maps = result.kept_plans if keep_plans else None
     return FusionReport(out, spec, [str(p.path) for p in parents], seconds, result.plans, maps)
 
 
@@ -172,18 +190,6 @@ def _activation_key(spec: FusionSpec) -> tuple:
         spec.max_tokens,
         spec.device,
     )
-
-
-def _record_plans(engine: Engine) -> dict[str, torch.Tensor]:
-    """The plan behind each diagnostics record, keyed "model<i>/<record space>"."""
-    maps = {}
-    stream = sorted(engine.stream)
-    for record in engine.records:
-        space = stream[0] if record.space == "stream" else record.space.split("+")[0]
-        plan = engine.plans[record.model].get(space)
-        if plan is not None:
-            maps[f"model{record.model}/{record.space}"] = plan.detach().float().cpu()
-    return maps
 
 
 def _activations(
