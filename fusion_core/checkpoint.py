@@ -13,10 +13,8 @@ process's resident memory until it is unmapped).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,31 +23,18 @@ import torch
 
 from .errors import InputError
 from .files import PICKLED_FILES, SAFETENSORS_FILE, SAFETENSORS_INDEX
+from .headers import (
+    DTYPE_BYTES,
+    MAX_JSON_BYTES,
+    MAX_NDIM,
+    header_length,
+    parse_header,
+    parse_json,
+    shard_name_ok,
+)
 
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
-MAX_JSON_BYTES = 16 * 1024 * 1024  # config.json and shard indexes are kilobytes
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otfuse-hash")
-
-
-# Element sizes of the dtypes safetensors files carry; anything else is refused.
-DTYPE_BYTES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
-}
-MAX_NDIM = 8
+__all__ = ["DTYPE_BYTES", "MAX_JSON_BYTES", "MAX_NDIM", "Checkpoint", "open_checkpoint"]
 TORCH_DTYPES = {
     "BOOL": torch.bool,
     "U8": torch.uint8,
@@ -82,69 +67,19 @@ class Entry:
 
 
 def _validate_safetensors(path: Path) -> dict[str, Entry]:
-    """Check a file's header against the format and the file's size; return key -> entry.
-
-    Every entry must name a known dtype, a shape of non-negative ints and offsets inside the
-    file whose length matches the shape, so nothing later reads past the data or allocates
-    what the header does not back with bytes. safetensors maps lazily, so a truncated file
-    would otherwise only fail mid-fusion.
-    """
+    """Check a file's header against the format and the file's size (`headers.parse_header`);
+    return key -> where each tensor's bytes are."""
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
-            raw_len = handle.read(8)
-            if len(raw_len) < 8:
-                raise InputError(f"{path}: not a safetensors file (shorter than its header)")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > min(_MAX_HEADER_BYTES, size - 8):
-                raise InputError(f"{path}: corrupt safetensors header (length {header_len})")
-            raw = handle.read(header_len)
+            length = header_length(str(path), handle.read(8), size)
+            raw = handle.read(length)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise InputError(f"{path}: corrupt safetensors header ({exc.__class__.__name__})") from exc
-    if not isinstance(header, dict):
-        raise InputError(f"{path}: corrupt safetensors header")
-    data_size = size - 8 - header_len
-    entries: dict[str, Entry] = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        shape = _entry_shape(path, key, info, data_size)
-        start, end = (8 + header_len + o for o in info["data_offsets"])
-        entries[key] = Entry(path, TORCH_DTYPES[info["dtype"]], shape, start, end)
-    return entries
-
-
-def _entry_shape(path: Path, key: str, info, data_size: int) -> tuple[int, ...]:
-    def corrupt(why: str) -> InputError:
-        return InputError(f"{path}: corrupt safetensors entry {key!r}: {why}")
-
-    if not isinstance(info, dict):
-        raise corrupt("not an object")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
-        raise corrupt(f"unknown dtype {dtype!r}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_NDIM
-        or not all(type(d) is int and d >= 0 for d in shape)
-    ):
-        raise corrupt(f"shape {shape!r} is not a list of at most {MAX_NDIM} sizes")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(type(o) is int and o >= 0 for o in offsets)
-        or offsets[0] > offsets[1]
-    ):
-        raise corrupt(f"data_offsets {offsets!r} are not [start, end]")
-    if offsets[1] > data_size:
-        raise InputError(f"{path}: truncated: tensor {key!r} ends past the end of the file")
-    if math.prod(shape) * DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
-        raise corrupt(f"shape {shape} of {dtype} does not fill offsets {offsets}")
-    return tuple(shape)
+    return {
+        key: Entry(path, TORCH_DTYPES[e.dtype], e.shape, *(8 + length + o for o in e.offsets))
+        for key, e in parse_header(str(path), raw, size - 8 - length).items()
+    }
 
 
 @dataclass
@@ -282,14 +217,10 @@ def read_json_file(path: Path, what: str) -> dict:
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
             raise InputError(f"{path}: {what} is larger than {MAX_JSON_BYTES >> 20} MiB")
-        value = json.loads(path.read_bytes())
+        raw = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise InputError(f"{path}: invalid JSON ({exc.__class__.__name__}: {exc})") from exc
-    if not isinstance(value, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return value
+    return parse_json(str(path), raw)
 
 
 def _read_index(index: Path) -> dict[str, Entry]:
@@ -299,12 +230,7 @@ def _read_index(index: Path) -> dict[str, Entry]:
     entries: dict[str, Entry] = {}
     shard_shapes: dict[str, dict[str, Entry]] = {}
     for key, shard_name in weight_map.items():
-        # A bare file name beside the index: no separators, no parent references.
-        if (
-            not isinstance(shard_name, str)
-            or shard_name in ("", ".", "..")
-            or any(c in shard_name for c in "/\\\0")
-        ):
+        if not shard_name_ok(shard_name):
             raise InputError(
                 f"{index}: shard {shard_name!r} is not a file in the checkpoint folder"
             )

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import solvers
+from .compat import STREAM_REFINEMENTS, check_attention_policy
 from .cost import GramCost, block_cost, neuron_rows, pairwise_cost
 from .errors import CancelledError, IncompatibleModelsError, InputError
 from .families import Attention, Layer, Merge, Node, Param, Tap, axis_spaces
@@ -34,6 +35,8 @@ from .transport import (
     out_map,
     permutation_distance,
 )
+
+__all__ = ["Engine", "EngineResult", "PlanRecord", "check_attention_policy"]
 
 
 @dataclass
@@ -61,34 +64,11 @@ class EngineResult:
 # canonical name (a tied copy is sent again under its own name).
 Sink = Callable[[str, torch.Tensor, int], None]
 
-STREAM_REFINEMENTS = 2  # weights-based shared stream: re-solve it after the inner plans
 BLOCK_BYTES = 32 << 20  # float32 bytes per block of rows read where rows are not transported
 
 Activations = dict[int, dict[Tap, torch.Tensor]]  # model index -> tap -> (tokens, n)
 # The layer being fused and its loaded tensors (model's, anchor's): reused for its features.
 Current = tuple[Layer, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None
-
-
-def check_attention_policy(nodes: list[Node], spec: FusionSpec, anchor: ParentModel) -> None:
-    """What a family's attention forbids, as one-line errors before any work is done."""
-    attention = next((n for n in nodes if isinstance(n, Attention)), None)
-    if attention is None or spec.method == "vanilla":
-        return
-    name = anchor.family.name
-    if attention.rotary and spec.heads == "cross":
-        raise InputError(
-            f"{name} uses rotary embeddings: cross-head alignment would move dimensions "
-            "between heads, which breaks them; use matched heads",
-            field="heads",
-        )
-    if attention.rotary and spec.qk == "free":
-        raise InputError(
-            f"{name} uses rotary embeddings: free Q/K would align query and key dimensions "
-            "inside heads, which breaks them (Q and K heads move whole); use tied Q/K",
-            field="qk",
-        )
-    if anchor.kv_heads != anchor.config_value("heads") and not attention.rotary:
-        raise InputError(f"{name}: grouped-query attention without rotary embeddings")
 
 
 class Engine:

@@ -213,3 +213,26 @@ class CheckpointWriter:
     def __exit__(self, kind, value, traceback) -> None:
         if kind is not None:
             self.abort()
+
+
+def write_checkpoint(
+    out: Path,
+    anchor: ParentModel,
+    tensors: dict[str, torch.Tensor],
+    fusion_record: dict,
+    model_card: str,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+) -> list[str]:
+    """Fused tensors held in memory (canonical names) + the anchor's buffers, written as a
+    checkpoint folder (a search's chosen candidate; fusions otherwise stream)."""
+    buffers = [
+        name
+        for name in anchor.family.buffer_names(anchor.config_value("layers"))
+        if anchor.has(name) and name not in tensors
+    ]
+    with CheckpointWriter(out, anchor, [*tensors, *buffers], max_shard_size) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        for name in buffers:
+            writer.write(name, anchor.tensor(name))
+        return writer.publish(fusion_record, model_card)

@@ -27,8 +27,18 @@ class JobResult(BaseModel):
     )
     chosen: dict[str, Any] | None = Field(
         None,
-        description="the point a sweep chose: {solver, reg}",
-        examples=[{"solver": "sinkhorn", "reg": 0.055}],
+        description="the recipe the search (or regularizer sweep) chose on the calibration "
+        "data: {anchor, alignment, residual, heads, solver, reg}",
+        examples=[
+            {
+                "anchor": 1,
+                "alignment": "activations",
+                "residual": "shared",
+                "heads": "cross",
+                "solver": "sinkhorn",
+                "reg": 0.023,
+            }
+        ],
     )
     files: list[str] = Field(
         default_factory=list,

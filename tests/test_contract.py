@@ -75,6 +75,33 @@ CASES = [
     ("policy.samples", {"policy": {"samples": 0}}, ["--samples", "0"]),
     ("policy.filter", {"policy": {"filter": "window-x"}}, ["--filter", "window-x"]),
     ("policy.device", {"policy": {"device": "tpu"}}, ["--device", "tpu"]),
+    ("policy.search", {"policy": "sometimes"}, ["--policy", "sometimes"]),
+    ("policy.search", {"policy": [{"solver": "lbfgs"}]}, ["--policy", '[{"solver": "lbfgs"}]']),
+    ("policy.search", {"policy": [{"reg": -1}]}, ["--policy", '[{"reg": -1}]']),
+    ("policy.search", {"policy": []}, ["--policy", "[]"]),
+    (
+        "policy.search",
+        {"policy": [{"anchor": 7}], "data": {"calibration": D}},
+        ["--policy", '[{"anchor": 7}]', "--calib-data", D],
+    ),
+    (
+        "policy.search",
+        {"method": "vanilla", "policy": "auto", "data": {"calibration": D}},
+        ["--method", "vanilla", "--policy", "auto", "--calib-data", D],
+    ),
+    ("data.calibration", {"policy": "auto"}, ["--policy", "auto"]),
+    (
+        "data.calibration",
+        {"policy": [{"reg": 0.1}, {"solver": "emd"}]},
+        ["--policy", '[{"reg": 0.1}, {"solver": "emd"}]'],
+    ),
+    (
+        "data.calibration",
+        {"policy": "auto", "data": {"calibration": D, "eval": D}},
+        ["--calib-data", D, "--eval-data", D],
+    ),
+    ("policy.search_budget", {"policy": {"search_budget": 0}}, ["--search-budget", "0"]),
+    ("policy.search_seconds", {"policy": {"search_seconds": -1}}, ["--search-seconds", "-1"]),
 ]
 IDS = [f"{case[0]}-{i}" for i, case in enumerate(CASES)]
 
@@ -155,12 +182,13 @@ def _leaves(model: type, prefix: str = "") -> set[str]:
 
 def test_every_field_of_the_spec_has_a_flag_or_is_the_service_s():
     service_only = {"name", "labels", "finetune.warmup", "finetune.weight_decay", "finetune.seed"}
-    assert _leaves(JobSpec) - service_only == set(FLAGS) - {"finetune"}
+    assert _leaves(JobSpec) - service_only == set(FLAGS) - {"finetune", "policy"}
 
 
-def test_the_api_validates_without_torch(tmp_path):
+def test_the_api_validates_without_torch(tmp_path, parents):
     """The API image has no torch, transformers or numerical libraries: with them made
-    unimportable, the app builds, validates a job, lists jobs and serves its docs."""
+    unimportable, the app builds, validates a job, plans one from its headers, lists jobs
+    and serves its docs."""
     code = f"""
 import importlib.abc, sys
 BLOCKED = {{"torch", "transformers", "safetensors", "scipy", "ot", "numpy", "lap", "sklearn"}}
@@ -178,10 +206,15 @@ class Held(Queue):
     def enqueue(self, job_id):
         pass
 
-settings = Settings(data_dir={str(tmp_path / "svc")!r}, file_roots=[{str(tmp_path)!r}])
+settings = Settings(
+    data_dir={str(tmp_path / "svc")!r}, file_roots=[{str(tmp_path)!r}, {str(parents["root"])!r}]
+)
 with TestClient(create_app(settings, queue=Held())) as client:
     bad = client.post("/fusions", json={{"models": ["file:///a/"], "regularizer": -1}})
     assert bad.status_code == 422, bad.text
+    models = {[f"file://{m}" for m in parents["models"]]!r}
+    plan = client.post("/fusions:plan", json={{"models": models}})
+    assert plan.status_code == 200 and plan.json()["compatible"], plan.text
     assert client.get("/fusions").status_code == 200
     docs = client.get("/docs").text
     assert "/docs/assets/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
