@@ -92,7 +92,12 @@ from fusion_core import FusionSpec, fuse
 spec = FusionSpec(**json.loads(sys.argv[3]))
 started = time.perf_counter()
 fuse(sys.argv[1].split(","), sys.argv[2], spec, data=sys.argv[4] or None)
-print(json.dumps({"seconds": time.perf_counter() - started}))
+seconds = time.perf_counter() - started
+gpu = None
+if spec.device.startswith("cuda"):
+    import torch
+    gpu = torch.cuda.max_memory_allocated()
+print(json.dumps({"seconds": seconds, "gpu_bytes": gpu}))
 """
 
 CALIBRATE = """
@@ -278,6 +283,9 @@ def make_data(folder: Path) -> Path:
     return path
 
 
+MEASURED_GPU: list[int | None] = [None]  # the last fusion's torch peak on the GPU
+
+
 def measure(
     folders: list[Path], spec: FusionSpec, out: Path, data: Path | None = None
 ) -> tuple[float, float, int]:
@@ -286,7 +294,7 @@ def measure(
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    chosen = ("method", "solver", "reg", "alignment", "samples")
+    chosen = ("method", "solver", "reg", "alignment", "samples", "device")
     fields = {k: v for k, v in spec.__dict__.items() if k in chosen}
     args = [sys.executable, "-c", RUN, ",".join(map(str, folders)), str(out), json.dumps(fields)]
     args.append(str(data) if data else "")
@@ -298,8 +306,9 @@ def measure(
     shutil.rmtree(out, ignore_errors=True)
     if child.returncode != 0:
         raise RuntimeError(f"fusion failed ({child.returncode})")
-    seconds = json.loads(output.strip().splitlines()[-1])["seconds"]
-    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+    result = json.loads(output.strip().splitlines()[-1])
+    MEASURED_GPU[0] = result["gpu_bytes"]
+    return result["seconds"], usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
 
 
 def main() -> None:
@@ -308,6 +317,9 @@ def main() -> None:
     parser.add_argument("--cases", default="vanilla,sinkhorn,emd")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "plan-check")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--device", default="cpu", help="cuda: also the GPU peak (torch's allocator) vs the plan"
+    )
     parser.add_argument(
         "--calibrate", action="store_true", help="measure the machine constants and exit"
     )
@@ -338,7 +350,7 @@ def main() -> None:
         kind, layers = PAIRS[pair]
         folders = make_pair(args.workdir, kind, layers)
         for case in args.cases.split(","):
-            spec = CASES[case]
+            spec = FusionSpec(**{**CASES[case].__dict__, "device": args.device})
             started = time.perf_counter()
             data = make_data(folders[0]) if spec.needs_activations else None
             tokens = DATA_SAMPLES * DATA_SEQ if data else None
@@ -362,6 +374,8 @@ def main() -> None:
                 "case": case,
                 "estimate_bytes": est.host_peak_bytes,
                 "measured_bytes": peak,
+                "estimate_gpu_bytes": est.device_peak_bytes,
+                "measured_gpu_bytes": MEASURED_GPU[0],
                 "estimate_seconds": est.seconds,
                 "measured_seconds": seconds,
                 "cpu_seconds": cpu,
@@ -374,7 +388,13 @@ def main() -> None:
             print(
                 f"{pair:<12} {case:<9} {est.host_peak_bytes / GIB:8.2f} {peak / GIB:9.2f} "
                 f"{est.host_peak_bytes / peak:6.2f} {est.seconds:7.1f} {seconds:7.1f} "
-                f"{est.seconds / seconds:6.2f} {cpu:7.1f} {load:5.1f}",
+                f"{est.seconds / seconds:6.2f} {cpu:7.1f} {load:5.1f}"
+                + (
+                    f"  GPU {est.device_peak_bytes / GIB:.2f} est, "
+                    f"{MEASURED_GPU[0] / GIB:.2f} torch peak"
+                    if MEASURED_GPU[0] is not None and est.device_peak_bytes
+                    else ""
+                ),
                 flush=True,
             )
     if args.json:
