@@ -83,8 +83,9 @@ def fuse_job(
       than one point the best one-shot model on `calib_data` (default: `data`) is kept.
     - `eval_data`: where parents, ensemble, vanilla, fused (and finetuned) models are
       compared; must differ from the calibration data.
-    - `finetune_config` + `finetune_data`: heal the chosen fusion; `finetune_baselines`
-      ("vanilla") finetunes vanilla fusion with the same budget for comparison.
+    - `finetune_config` + `finetune_data`: heal the chosen fusion (with `distill` > 0, also
+      towards the parents' ensemble); `finetune_baselines` ("vanilla") finetunes vanilla
+      fusion with the same budget for comparison.
     - `names`: the caller's names for the paths it gave (a service's URIs for its scratch
       copies), recorded in every artifact instead of the paths.
     - `extra_metrics`: called with the metrics document just before it is written (once);
@@ -209,6 +210,7 @@ def fuse_job(
                     name=name,
                     progress=say,
                     should_cancel=cancelled,
+                    teachers=model_dirs,  # distillation's teacher: the parents' ensemble
                 )
                 run = result.run
                 run.before = before
@@ -222,7 +224,11 @@ def fuse_job(
                     published = target
                 else:
                     shutil.rmtree(target, ignore_errors=True)
-            finetune_record = {"config": finetune_config.to_dict(), "runs": runs}
+            finetune_record = {
+                "config": finetune_config.to_dict(),
+                "healing": finetune_config.healing,
+                "runs": runs,
+            }
             timings["finetune"] = round(time.perf_counter() - clock - sum(timings.values()), 3)
 
         # 4. artifacts next to the published model, then publish atomically
