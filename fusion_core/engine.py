@@ -115,6 +115,16 @@ class Engine:
         self._scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         shared = spec.residual == "shared" and spec.method == "ot"  # vanilla: no plans to share
         self.stream = self._stream_spaces() if shared else set()
+        # maps between different widths keep their neurons' RMS (see _keep_scale): streamed
+        # costs then also accumulate the model neurons' own Gram matrix
+        self.rms_rectangular = spec.rectangular == "rms" and any(
+            model.checkpoint.shape(model.keys[p.name])
+            != self.anchor.checkpoint.shape(self.anchor.keys[p.name])
+            for model in self.others
+            for layer in layers
+            for p in layer.params
+            if self.anchor.has(p.name) and model.has(p.name)
+        )
         self.keep_plans = keep_plans
         self.kept: dict[str, torch.Tensor] = {}
         self._kept_by_plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -349,10 +359,11 @@ class Engine:
                     total += rows * self.weight[model.index]
                 self._emit(param.name, total, start)
 
-    def _blocked_cost(self, model: ParentModel, layer: Layer, space: str) -> torch.Tensor:
+    def _blocked_cost(
+        self, model: ParentModel, layer: Layer, space: str, accumulated: GramCost
+    ) -> torch.Tensor:
         """The weights-based cost of `space` from its defining layer's tensors, read and
         accumulated in blocks of rows (a layer whose rows no plan acts on)."""
-        accumulated = GramCost()
         for p in layer.params:
             if not self.anchor.has(p.name) or self.anchor.is_tied(p):
                 continue
@@ -464,19 +475,30 @@ class Engine:
         known = self._scales.get(id(plan))
         return known[1] if known is not None else None
 
-    def _keep_scale(self, plan: torch.Tensor, model_rows: list[torch.Tensor]) -> None:
+    def _keep_scale(
+        self,
+        plan: torch.Tensor,
+        model_rows: list[torch.Tensor] | None = None,
+        summary: GramCost | None = None,
+    ) -> None:
         """RMS preservation: anchor neuron i receives the average sum_j m_ji f_j of the model
         neurons' features f_j (activations, or the defining weights' rows); averaging
         neurons that are not copies of each other shrinks it. Scaled by
         sqrt(sum_j m_ji |f_j|^2) / |sum_j m_ji f_j|, it keeps the mass-weighted RMS of its
-        sources; copies of one neuron get exactly 1."""
+        sources; copies of one neuron get exactly 1. The features come as rows, or as the
+        squared norms and Gram matrix a streamed cost accumulated (`summary`)."""
         if plan.shape[0] == plan.shape[1] or self.spec.rectangular != "rms":
             return
         mass = out_map(plan)
-        features = torch.cat([b.float().reshape(b.shape[0], -1) for b in model_rows], 1)
-        sources = mass.T @ features.pow(2).sum(1)
-        averaged = (mass.T @ features).pow(2).sum(1)
-        tiny = torch.finfo(features.dtype).tiny
+        if model_rows is not None:
+            features = torch.cat([b.float().reshape(b.shape[0], -1) for b in model_rows], 1)
+            sources = mass.T @ features.pow(2).sum(1)
+            averaged = (mass.T @ features).pow(2).sum(1)
+        else:
+            assert summary is not None and summary.model_gram is not None
+            sources = mass.T @ summary.model_sq
+            averaged = ((summary.model_gram @ mass) * mass).sum(0)
+        tiny = torch.finfo(mass.dtype).tiny
         scale = (sources.clamp_min(tiny) / averaged.clamp_min(tiny)).sqrt()
         self._scales[id(plan)] = (plan, scale.clamp(max=RMS_SCALE_MAX))
 
@@ -490,11 +512,15 @@ class Engine:
             layer = self.definer[space]
             by_weights = self.spec.alignment != "activations" or layer.tap is None
             if current is None and by_weights:
-                cost = self._blocked_cost(model, layer, space)
+                summary = self._gram_cost()
+                cost = self._blocked_cost(model, layer, space, summary)
+                plans[space] = solvers.solve(cost, self.spec.solver, self.spec.reg)
+                self._keep_scale(plans[space], summary=summary)
             else:
-                cost = block_cost(*self._features(model, space, current))
-            plans[space] = solvers.solve(cost, self.spec.solver, self.spec.reg)
-            self._keep_scale(plans[space], model_rows)
+                model_rows, anchor_rows = self._features(model, space, current)
+                cost = block_cost(model_rows, anchor_rows)
+                plans[space] = solvers.solve(cost, self.spec.solver, self.spec.reg)
+                self._keep_scale(plans[space], model_rows)
             self._record(model, (space,), plans[space], float((plans[space] * cost).sum()))
             del cost
 
@@ -602,20 +628,21 @@ class Engine:
         costs: dict[int, GramCost] | None = None
         for number in range(rounds):
             for model in self.others:
+                rows, summary = None, None
                 if self.spec.alignment == "activations":
-                    cost = pairwise_cost(*self._stream_activations(model))
-                elif costs is None:
-                    cost = self._stream_weights(model)
+                    model_features, anchor_features = self._stream_activations(model)
+                    cost, rows = pairwise_cost(model_features, anchor_features), [model_features]
                 else:
-                    cost = costs[model.index].cost()
+                    summary = self._stream_weights(model) if costs is None else costs[model.index]
+                    cost = summary.cost()
                 plan = solvers.solve(cost, self.spec.solver, self.spec.reg)
-                self._keep_scale(plan, [m_feat])
+                self._keep_scale(plan, rows, summary)
                 for space in self.stream:
                     self.plans[model.index][space] = plan
                 if number == rounds - 1:
                     self._record(model, ("stream",), plan, float((plan * cost).sum()))
             if number < rounds - 1:
-                costs = {model.index: GramCost() for model in self.others}
+                costs = {model.index: self._gram_cost() for model in self.others}
                 self._walk(emit=False, stream_costs=costs)  # inner plans under this plan
 
     def _stream_params(self, node: Node, first: bool) -> list[tuple[Param, int]]:
@@ -638,7 +665,7 @@ class Engine:
         """One tensor's share of the stream cost: each stream neuron's weights, other axes
         mapped by the current inner plans (block by block of rows where no plan acts on
         them); `GramCost.add_scaled` weighs every tensor the same."""
-        part = GramCost()
+        part = self._gram_cost()
         ranges = self._row_blocks(param.name) if param.axes[0] is None else [(0, None)]
         for start, stop in ranges:
             m = self._load(model, param.name, start, stop)
@@ -647,14 +674,17 @@ class Engine:
             part.add(*neuron_rows([m, a], [axis, axis]))
         return part
 
-    def _stream_weights(self, model: ParentModel) -> torch.Tensor:
+    def _stream_weights(self, model: ParentModel) -> GramCost:
         """The first round's cost between stream neurons, from the tensors touching the
         stream that no inner plan acts on, accumulated tensor by tensor."""
-        total = GramCost()
+        total = self._gram_cost()
         for node in self.nodes:
             for param, axis in self._stream_params(node, first=True):
                 total.add_scaled(self._stream_part(model, param, axis))
-        return total.cost()
+        return total
+
+    def _gram_cost(self) -> GramCost:
+        return GramCost(model_gram=self.rms_rectangular)
 
     def _stream_activations(self, model: ParentModel):
         """The stream's activations at every residual addition, each tap at unit scale."""
