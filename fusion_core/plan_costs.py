@@ -23,11 +23,11 @@ every tensor / MEMORY_BANDWIDTH + flops of cost matrices (2 n_m n_a F) and plan 
 flop rate + solver time (Sinkhorn: SINKHORN_PASSES passes over each n_m x n_a kernel; EMD: the
 assignment's n^3 worst case) + forward passes for activations.
 
-The engine's own structure is an `EngineProfile`: today's engine holds every plan of a walk
-and the whole fused model until it writes it; the streaming engine of issue 9 frees plans
-when no later node needs them, reads rows into memory it owns (no mmap), processes
-vocabulary tables in 32 MiB row blocks, and writes each tensor's rows in place in shards
-laid out from the anchor's headers. `bench/plan_check.py` measures
+The engine's own structure is an `EngineProfile`: the in-memory engine (before issue 9) held
+every plan of a walk and the whole fused model until it wrote it; the streaming engine, which
+fusion_core runs, frees plans when no later node needs them, reads rows into memory it owns
+(no mmap), processes vocabulary tables in 32 MiB row blocks, and writes each tensor's rows in
+place in shards laid out from the anchor's headers. `bench/plan_check.py` measures
 fusions side by side with these estimates and prints the ratios; the constants below were
 calibrated with it on the 2-core development machine (see docs/benchmarks.md).
 """
@@ -85,13 +85,14 @@ STREAMING = EngineProfile(
     shard_bytes=0.0,  # shards laid out from the anchor's headers, rows written in place
     output_copies=1.0,
     parents_resident=0.0,
-    activations_per_layer=True,
+    activations_per_layer=False,  # activations are still collected for all taps up front
     stream_gram=True,
 )
 
 
-# The engine this code runs: the cost model describes it by default.
-ENGINE = CURRENT
+# The engine this code runs (issue 9's streaming engine): the cost model describes it by
+# default; CURRENT stays to describe the in-memory engine it replaced.
+ENGINE = STREAMING
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,16 @@ CASES = [
         ["--finetune-steps", "5", "--lr", "5", "--finetune-data", D],
     ),
     (
+        "finetune.distill",
+        {"finetune": {"steps": 5, "distill": 1.5}, "data": {"finetune": D}},
+        ["--finetune-steps", "5", "--distill", "1.5", "--finetune-data", D],
+    ),
+    (
+        "finetune.temperature",
+        {"finetune": {"steps": 5, "distill": 0.5, "temperature": 0}, "data": {"finetune": D}},
+        ["--finetune-steps", "5", "--distill", "0.5", "--temperature", "0", "--finetune-data", D],
+    ),
+    (
         "finetune.steps",
         {"finetune": {"steps": 0}, "data": {"finetune": D}},
         ["--finetune-steps", "0", "--finetune-data", D],

@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from fusion_core.errors import InputError
 from fusion_core.plan import local_plan
-from fusion_core.plan_costs import STREAMING, CostModel
+from fusion_core.plan_costs import CURRENT, STREAMING, CostModel
 from fusion_core.spec import FusionSpec
 from otfuse.cli import main
 
@@ -130,11 +130,13 @@ def test_a_streaming_engine_s_peak_does_not_grow_with_depth(tmp_path):
     output, so its peak grows with depth; the streaming engine's does not, and its time grows
     with depth."""
     streaming = CostModel(engine=STREAMING)
+    in_memory = CostModel(engine=CURRENT)
+    assert CostModel().engine is STREAMING  # the engine fusion_core runs
     estimates = {}
     for layers in (2, 6):
         models = [tiny_bert(seed=s, layers=layers, hidden=64, intermediate=256) for s in (0, 1)]
         folders = [str(save(m, tmp_path / f"{layers}-{i}")) for i, m in enumerate(models)]
-        for name, costs in (("current", CostModel()), ("streaming", streaming)):
+        for name, costs in (("current", in_memory), ("streaming", streaming)):
             estimates[name, layers] = local_plan(folders, FusionSpec(), costs=costs).estimate
     assert estimates["streaming", 6].host_peak_bytes == estimates["streaming", 2].host_peak_bytes
     assert estimates["current", 6].host_peak_bytes > estimates["current", 2].host_peak_bytes
