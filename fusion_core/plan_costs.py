@@ -151,10 +151,14 @@ def estimate(
     notes: list[str] = []
 
     # -- memory along the walk: at each step, what is held then -------------------------------
+    # a block-wise average: every tensor alone, in row blocks (vanilla without plans)
+    averaging = not graph.ot and not engine.vanilla_plans and bool(engine.row_block_bytes)
+
     def rows(p, shape) -> int:
         """Elements of a tensor processed at once (vocabulary tables in row blocks)."""
         numel = math.prod(shape)
-        if engine.row_block_bytes and p.axes and p.axes[0] is None and len(shape) > 1:
+        untransported = p.axes and p.axes[0] is None
+        if engine.row_block_bytes and (untransported or averaging) and len(shape) > 1:
             per_row = numel // max(shape[0], 1)
             return min(numel, max(1, engine.row_block_bytes // (4 * per_row)) * per_row)
         return numel
@@ -210,6 +214,7 @@ def estimate(
     for at, end, params in graph.steps():
         stored = f32 = out = 0
         for p in params:
+            f32_param = 0
             for m in models:
                 if m.has(p.name):
                     entry = m.entry(p.name)
@@ -217,7 +222,8 @@ def estimate(
                     read_so_far += entry.nbytes
                     if cuda:  # on CPU the stored copy is freed as it is converted
                         stored += n * DTYPE_BYTES[entry.dtype]
-                    f32 += 4 * n
+                    f32_param += 4 * n
+            f32 = max(f32, f32_param) if averaging else f32 + f32_param
             entry = anchor.entry(p.name)
             out_so_far += entry.nbytes
             if cuda:  # the fused rows back on the host, before they are written
