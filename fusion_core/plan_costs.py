@@ -109,7 +109,8 @@ class CostModel:
     solver_copies: float = 4.0  # Sinkhorn's cost, scaled cost, kernel and a temporary
     # time, CPU
     cpu_flops: float = 170e9  # float32 GEMM on 2 idle cores (measured 177e9: CPU s / threads)
-    read_bandwidth: float = 3e9  # safetensors from page cache to tensors, bytes/s
+    read_bandwidth: float = 2e9  # positioned reads from page cache, checked, to float32
+    prepare_seconds: float = 1.0  # opening parents, the config-vs-tensors check (meta model)
     write_bandwidth: float = 0.8e9  # safetensors serialization and write, bytes/s
     memory_bandwidth: float = 8.5e9  # float32 elementwise passes, bytes/s (measured 8.8e9)
     elementwise_passes: float = 6.0  # convert, scale, add, convert back... per tensor element
@@ -307,6 +308,7 @@ def estimate(
         forward_flops = sum(2 * m.parameter_count * tokens for m in models)
     flops = passes * (cost_flops + product_flops) + forward_flops
     time = {
+        "prepare": costs.prepare_seconds,
         "read": passes * read / costs.read_bandwidth,
         "write": fused / costs.write_bandwidth,
         "elementwise": passes
