@@ -106,7 +106,7 @@ class CostModel:
     cuda_host_bytes: float = 1.5 * (1 << 30)  # the CUDA context's host memory (libraries)
     cuda_device_bytes: float = 0.5 * (1 << 30)  # the CUDA context on the device
     work_copies: float = 2.5  # float32 copies of a step's tensors alive at once (measured)
-    solver_copies: float = 4.0  # Sinkhorn's cost, scaled cost, kernel and a temporary
+    solver_copies: float = 3.0  # Sinkhorn's cost, scaled cost and kernel (the plan, in place)
     # time, CPU
     cpu_flops: float = 170e9  # float32 GEMM on 2 idle cores (measured 177e9: CPU s / threads)
     read_bandwidth: float = 2e9  # positioned reads from page cache, checked, to float32
@@ -232,10 +232,11 @@ def estimate(
         alive = [
             m for m in maps if m.live[0] <= end and (not engine.plans_freed or m.live[1] >= at)
         ]
-        solving = [solver_bytes(m) for m in maps if at <= m.live[0] <= end]
+        # a plan solved in this step lives in the solver's kernel until it is applied
+        solving = [m for m in maps if at <= m.live[0] <= end and solver_bytes(m)]
         held = {
-            "plans": sum(plan_bytes(m) for m in alive),
-            "solver": max(solving, default=0.0),
+            "plans": sum(plan_bytes(m) for m in alive if m not in solving),
+            "solver": max((solver_bytes(m) for m in solving), default=0.0),
             "activations": acts,
             "step": costs.work_copies * f32,
         }
