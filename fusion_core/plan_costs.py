@@ -176,10 +176,14 @@ def estimate(
         return copies * sum(4 * a * b for a, b in m.shapes)
 
     def solver_bytes(m) -> float:
-        """Sinkhorn's temporaries while it solves `m` (float64 for small problems on CPU)."""
-        if not sinkhorn or m.how not in ("ot", "heads"):
+        """The solver's memory while it solves `m`: Sinkhorn's copies (float64 for small
+        problems on CPU); exact OT's cost and dense plan (an assignment, float32), or POT's
+        float64 cost and plan for rectangular problems."""
+        if not graph.ot or m.how not in ("ot", "heads"):
             return 0.0
         entries = max(a * b for a, b in m.shapes) / (graph.heads_of(m) if m.how == "heads" else 1)
+        if not sinkhorn:
+            return entries * (8 if all(a == b for a, b in m.shapes) else 20)
         return costs.solver_copies * entries * (8 if entries <= 4_000_000 and not cuda else 4)
 
     # the shared residual stream (weights): its features, solved before the walk
