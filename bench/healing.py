@@ -110,6 +110,8 @@ class Healing:
     def heal(self, key: str, parents: list[Path], start: str, mode: str, seed: int, steps: int):
         runs = self.results.setdefault(key, {}).setdefault("runs", {})
         name = f"{start}|{mode}|{seed}|{steps}"
+        if mode == "distill" and (self.args.distill, self.args.temperature) != (0.5, 2.0):
+            name += f"|{self.args.distill:g}|{self.args.temperature:g}"
         if name in runs:
             return runs[name]
         source = self.results[key]["starts"]["folders"][start]
@@ -150,6 +152,7 @@ def main() -> None:
     parser.add_argument("--distill", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--curve", default="", help="5 models: budgets, e.g. 50,100,200,400")
+    parser.add_argument("--starts", default=",".join(STARTS), help="of: " + ", ".join(STARTS))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     bench = Healing(args.workdir, args)
@@ -164,7 +167,7 @@ def main() -> None:
             key = f"pair {pair[0]}-{pair[1]}"
             parents = [bench.parent(s) for s in pair]
             starts = bench.starts(key, parents)
-            for start in STARTS:
+            for start in [s for s in STARTS if s in args.starts.split(",")]:
                 for mode in MODES:
                     run = bench.heal(key, parents, start, mode, seed, args.steps)
                     table.setdefault((start, mode), []).append(run["accuracy"])

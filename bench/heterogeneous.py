@@ -9,7 +9,9 @@ directions (48 <- 64: the narrow model is the anchor; 64 <- 48) and each `--rect
 convention, the recipes below are fused at each regularizer; the best point on the
 calibration split is scored on the test split. Prints mean ± std over pairs and the
 per-pair numbers; results accumulate in --workdir/heterogeneous-results.json (finished
-points are not redone). Figures are recorded in docs/benchmarks.md.
+points are not redone). With --control the partners are untrained ViTs of the other width
+(is the partner contributing?), results in --workdir/heterogeneous-control.json. Figures
+are recorded in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
 import transformers
 
 from fusion_core import FusionSpec, evaluate, fuse
-from otfuse.digits import load_digits_splits, save_model, save_split, train_vit
+from otfuse.digits import load_digits_splits, save_model, save_split, train_vit, vit_config
 
 transformers.utils.logging.disable_progress_bar()
 RECIPES = {
@@ -55,6 +58,14 @@ def model(workdir: Path, name: str, seed: int, hidden: int) -> Path:
     return folder
 
 
+def untrained_vit(workdir: Path, hidden: int) -> Path:
+    folder = workdir / f"untrained{hidden}"
+    if not (folder / "model.safetensors").is_file():
+        torch.manual_seed(100 + hidden)
+        save_model(transformers.ViTForImageClassification(vit_config(hidden)), folder)
+    return folder
+
+
 def mean_std(values: list[float]) -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {std:.3f}"
@@ -68,6 +79,12 @@ def main() -> None:
     parser.add_argument(
         "--recipes", default=",".join(list(RECIPES)[:2]), help="names, comma-separated"
     )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="pair the models with untrained ViTs of the other width instead (is the partner "
+        "contributing?)",
+    )
     args = parser.parse_args()
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -80,12 +97,19 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     narrow = model(workdir, "narrow", 5, 48)
     wides = [int(s) for s in args.wide.split(",")]
+    if args.control:
+        untrained = {hidden: untrained_vit(workdir, hidden) for hidden in (48, 64)}
+        results_file = workdir / "heterogeneous-control.json"
+        results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     conventions = args.conventions.split(",")
     recipes = [r for r in RECIPES if r in args.recipes.split(",")]
     table: dict[tuple[str, str], list[float]] = {}
     for seed in wides:
         wide = model(workdir, f"seed{seed}", seed, 64)
-        for direction, pair in (("48 <- 64", [narrow, wide]), ("64 <- 48", [wide, narrow])):
+        pairs = (("48 <- 64", [narrow, wide]), ("64 <- 48", [wide, narrow]))
+        if args.control:
+            pairs = (("48 <- 64", [narrow, untrained[64]]), ("64 <- 48", [wide, untrained[48]]))
+        for direction, pair in pairs:
             for convention in conventions:
                 best = None
                 for recipe in recipes:

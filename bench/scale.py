@@ -296,7 +296,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/scale"))
     parser.add_argument("--repeats", type=int, default=3, help="BERT-base runs per row")
     parser.add_argument("--llama-repeats", type=int, default=1, help="1B runs per row")
-    parser.add_argument("--parts", default="bert,llama,depth")
+    parser.add_argument("--parts", default="bert,llama,depth", help="in the order to run")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     # the child's arguments
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -321,11 +321,21 @@ def main() -> None:
     load_before = os.getloadavg()
     rows: list[Row] = []
 
+    def log(row: Row) -> None:  # each row as it is measured (a long run's partial figures)
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {row.pair} | {row.tool}: wall {row.seconds:.1f} s, "
+            f"CPU {row.cpu:.1f} s, peak RSS {row.peak / 2**20:,.0f} MiB, {row.dtype}, "
+            f"load {os.getloadavg()[0]:.1f}",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def otfuse_row(pair, label, models, spec, repeats, baseline):
         runs = [run_otfuse(models, out, spec, args.threads) for _ in range(repeats)]
         row = Row(pair, label, runs, output_dtypes(out), baseline)
         row.models, row.spec = models, spec  # predicted after every run (see below)
         rows.append(row)
+        log(row)
         return row
 
     def mergekit_row(pair, models, dtype, repeats):
@@ -333,37 +343,28 @@ def main() -> None:
             return None
         runs = [run_mergekit(args.mergekit, models, out, dtype, cuda) for _ in range(repeats)]
         rows.append(Row(pair, "mergekit linear", runs, output_dtypes(out)))
+        log(rows[-1])
         return rows[-1]
 
-    if "bert" in parts:
-        pair, models = "BERT-base", parents(args.workdir, "bert")
-        mk = mergekit_row(pair, models, "float32", args.repeats)
-        otfuse_row(
-            pair, "otfuse vanilla", models, {"method": "vanilla", **device}, args.repeats, mk
-        )
-        otfuse_row(pair, "otfuse OT weights, Sinkhorn 0.05", models, sinkhorn, args.repeats, mk)
-        otfuse_row(
-            pair, "otfuse OT weights, EMD", models, {"solver": "emd", **device}, args.repeats, mk
-        )
     depth_rows = {}
-    if "llama" in parts or "depth" in parts:
-        depths = [16] + ([4, 8] if "depth" in parts else [])
-        for layers in depths:
+    vanilla = {"method": "vanilla", **device}
+    for part in parts:  # in the order given: the most wanted figures first
+        if part == "bert":
+            pair, models = "BERT-base", parents(args.workdir, "bert")
+            mk = mergekit_row(pair, models, "float32", args.repeats)
+            otfuse_row(pair, "otfuse vanilla", models, vanilla, args.repeats, mk)
+            otfuse_row(pair, "otfuse OT weights, Sinkhorn 0.05", models, sinkhorn, args.repeats, mk)
+            emd = {"solver": "emd", **device}
+            otfuse_row(pair, "otfuse OT weights, EMD", models, emd, args.repeats, mk)
+        for layers in {"llama": [16], "depth": [4, 8]}.get(part, []):
             pair, models = f"Llama-1B-shape {layers}L bf16", parents(args.workdir, "llama", layers)
-            mk = (
-                mergekit_row(pair, models, "bfloat16", args.llama_repeats) if layers == 16 else None
-            )
-            vanilla = {"method": "vanilla", **device}
+            mk = None
+            if layers == 16:
+                mk = mergekit_row(pair, models, "bfloat16", args.llama_repeats)
+            repeats = args.llama_repeats
             depth_rows[layers] = (
-                otfuse_row(pair, "otfuse vanilla", models, vanilla, args.llama_repeats, mk),
-                otfuse_row(
-                    pair,
-                    "otfuse OT weights, Sinkhorn 0.05",
-                    models,
-                    sinkhorn,
-                    args.llama_repeats,
-                    mk,
-                ),
+                otfuse_row(pair, "otfuse vanilla", models, vanilla, repeats, mk),
+                otfuse_row(pair, "otfuse OT weights, Sinkhorn 0.05", models, sinkhorn, repeats, mk),
             )
     for row in rows:  # imports torch: only once no more runs are forked from here
         if hasattr(row, "spec"):

@@ -119,8 +119,9 @@ class Checkpoint:
     def tensor(self, key: str) -> torch.Tensor:
         return self.rows(key, 0, None)
 
-    def rows(self, key: str, start: int, stop: int | None) -> torch.Tensor:
-        """Rows start:stop of a tensor (its first axis; all of a 0-d tensor), read alone."""
+    def rows(self, key: str, start: int, stop: int | None, check: bool = True) -> torch.Tensor:
+        """Rows start:stop of a tensor (its first axis; all of a 0-d tensor), read alone;
+        without `check` the caller checks the values are finite (`check_finite`)."""
         entry = self.entries[key]
         if self._pickled is not None:
             tensor = self._pickled[key]
@@ -134,12 +135,16 @@ class Checkpoint:
                 shape[0] = max(stop - start, 0)
             tensor = torch.empty(shape, dtype=entry.dtype)
             self._read_into(entry, entry.start + start * row_bytes, tensor)
-        # A finite sum proves every value finite, at a fraction of an elementwise check (a
-        # sum that overflows is checked element by element).
+        if check:
+            self.check_finite(key, tensor)
+        return tensor
+
+    def check_finite(self, key: str, tensor: torch.Tensor) -> None:
+        """A finite sum proves every value finite, at a fraction of an elementwise check (a
+        sum that overflows is checked element by element)."""
         finite = not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum()))
         if not finite and not bool(torch.isfinite(tensor).all()):
             raise InputError(f"{self.path}: tensor {key!r} contains NaN or inf values")
-        return tensor
 
     def _read_into(self, entry: Entry, offset: int, tensor: torch.Tensor) -> None:
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

@@ -284,14 +284,27 @@ class Engine:
                 if param.name not in names:
                     continue
                 for start, stop in self._row_blocks(param.name):
-                    total = self._load(self.anchor, param.name, start, stop)
-                    total *= self.weight[self.anchor.index]
-                    for model in self.others:
-                        total += (
-                            self._load(model, param.name, start, stop) * self.weight[model.index]
-                        )
+                    total = self._mean_rows(param.name, start, stop)
                     self._emit(param.name, total, start)
         self._report(len(order), len(order), "averaged")
+
+    def _mean_rows(self, name: str, start: int, stop: int | None) -> torch.Tensor:
+        """The weighted mean of rows start:stop of `name` over the parents, in float32, each
+        parent's rows added in one pass as stored. A non-finite value in any parent makes the
+        mean non-finite (inf - inf and inf * 0 are NaN), so one check of the mean stands for
+        a check of each parent; only then is the culprit looked for."""
+        reads = []
+        for model in (self.anchor, *self.others):
+            rows = model.checkpoint.rows(model.keys[name], start, stop, check=False)
+            self.dtypes[model.index][name] = rows.dtype
+            reads.append((model, rows))
+        total = reads[0][1].to(self.device, torch.float32).mul_(self.weight[self.anchor.index])
+        for model, rows in reads[1:]:
+            total.add_(rows.to(self.device), alpha=self.weight[model.index])
+        if not bool(torch.isfinite(total.sum())) and not bool(torch.isfinite(total).all()):
+            for model, _ in reads:  # read again: the anchor's rows may be the mean now
+                model.checkpoint.rows(model.keys[name], start, stop)
+        return total
 
     def _copy_names(self) -> set[str]:
         return {c for copies in self.copies.values() for c in copies}

@@ -173,3 +173,24 @@ def test_sizes_parse_like_hugging_face():
     assert parse_size(1234) == 1234
     with pytest.raises(Exception, match="size"):
         parse_size("lots")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_vanilla_refuses_a_non_finite_parent_by_name(tmp_path, bad):
+    """Vanilla checks the mean once per block instead of each parent: a bad value in any
+    parent still fails, naming the tensor, and nothing is published."""
+    from safetensors.torch import save_file
+
+    from fusion_core import InputError
+
+    folders = _decoder_pair(tmp_path)
+    file = folders[1] / "model.safetensors"
+    state = load_file(str(file))
+    key = next(k for k in state if k.endswith("mlp.down_proj.weight"))
+    state[key][3, 1] = bad
+    save_file(state, str(file), metadata={"format": "pt"})
+    with pytest.raises(InputError, match="NaN or inf") as caught:
+        fuse(folders, tmp_path / "out", FusionSpec(method="vanilla"))
+    assert key in str(caught.value) and str(folders[1]) in str(caught.value)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.*"))
