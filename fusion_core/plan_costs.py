@@ -11,14 +11,20 @@ Memory, on the host (and on the GPU for cuda):
                         and fused on the host; vocabulary tables in row blocks when the
                         engine does so
   + plans               per non-anchor model n_model x n_anchor float32 for the maps alive at
-                        once (the plan and its normalized maps: PLAN_COPIES when soft)
-  + solver              the largest Sinkhorn problem's temporaries (cost, kernel, scaled)
+                        once (the plan, and for a soft plan its normalized map per role)
+  + solver              the problem solved in that step: Sinkhorn's cost, scaled cost and
+                        kernel (SOLVER_COPIES; the plan is made in the kernel), or exact OT's
+                        cost and dense permutation plan
   + output buffer       fused bytes held before they are written (the whole model for the
                         in-memory engine; the streaming one writes rows in place)
   + activations         calibration activations held (activation alignment, weighted merges)
 
-Time = bytes read / READ_BANDWIDTH + bytes written / WRITE_BANDWIDTH + float32 passes over
-every tensor / MEMORY_BANDWIDTH + flops of cost matrices (2 n_m n_a F) and plan products
+Memory is a timeline: the peak is the largest sum over the steps of the walk of what is held
+then (plans so far or alive, output so far, the step, its solver).
+
+Time = PREPARE_SECONDS + bytes read / READ_BANDWIDTH + bytes written / WRITE_BANDWIDTH
++ float32 passes over every tensor / MEMORY_BANDWIDTH + flops of cost matrices (2 n_m n_a F)
+and plan products
 (dense soft plans: 2 n_a per element; hard plans: gathers, as memory passes) / the device's
 flop rate + solver time (Sinkhorn: SINKHORN_PASSES passes over each n_m x n_a kernel; EMD: the
 assignment's n^3 worst case) + forward passes for activations.
