@@ -62,6 +62,66 @@ def hey(url: str, *args: str) -> dict:
     return {"rps": rps, "p50_ms": pct.get("50"), "p99_ms": pct.get("99"), "codes": codes}
 
 
+def cpu_per_request(env: dict, job_id: str, redis_url: str, n: int = 5000) -> tuple[float, float]:
+    """CPU microseconds per GET (median of 5 rounds) for the API and the floor, called as
+    ASGI apps in this process against the same Redis: the share of each request that is
+    Python, without the network and the load generator, which on a busy 2-core machine make
+    closed-loop throughput swing by 20% between rounds."""
+    import asyncio
+
+    import redis
+
+    os.environ.update({k: v for k, v in env.items() if k.startswith(("OTFUSE_", "BENCH_"))})
+    sys.path[:0] = [str(REPO), str(REPO / "bench")]
+    import api_floor
+
+    from adapters.queue import Queue
+    from adapters.settings import Settings
+    from service.app import create_app
+
+    app = create_app(Settings(), queue=Queue())
+    raw = app.state.store.get_raw(job_id)
+    redis.Redis.from_url(redis_url).set("floor:r1", raw)  # the same bytes from both
+    auth = [(b"authorization", f"Bearer {KEY}".encode())]
+
+    def scope(path: str, headers: list) -> dict:
+        return {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
+            "query_string": b"", "root_path": "", "headers": headers,
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+        }  # fmt: skip
+
+    async def call(target, request_scope) -> int:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await target(request_scope, receive, send)
+        return sent[0]["status"]
+
+    async def rounds(target, request_scope) -> float:
+        assert await call(target, request_scope) == 200
+        per_round = []
+        for _ in range(5):
+            started = time.process_time()
+            for _ in range(n // 5):
+                await call(target, request_scope)
+            per_round.append((time.process_time() - started) / (n // 5) * 1e6)
+        return statistics.median(per_round)
+
+    async def both() -> tuple[float, float]:
+        floor = await rounds(api_floor.app, scope("/records/r1", []))
+        api = await rounds(app, scope(f"/fusions/{job_id}", auth))
+        return api, floor
+
+    return asyncio.run(both())
+
+
 def stamp(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
@@ -244,9 +304,13 @@ def main() -> None:
         )  # fmt: skip
         floor_rps = max(results[f"GET closed loop, floor (round {r})"]["rps"] for r in (1, 2))
         api_rps = max(results[f"GET closed loop, API (round {r})"]["rps"] for r in (1, 2))
+        api_cpu, floor_cpu = cpu_per_request(env, done_id, redis_url)
         results["summary"] = {
             "job record bytes": size,
             "GET API/floor throughput": round(api_rps / floor_rps, 3),
+            "CPU us per GET, in process: API": round(api_cpu, 1),
+            "floor": round(floor_cpu, 1),
+            "floor/API": round(floor_cpu / api_cpu, 3),
             "cpus": os.cpu_count(),
         }
     finally:

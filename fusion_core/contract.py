@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InputError
 from .spec import (
+    ALIGNMENTS,
+    HEAD_MODES,
     QK,
     Alignment,
     FinetuneConfig,
@@ -52,6 +54,145 @@ class Point:
 
 def auto_points() -> list[Point]:
     return [Point("emd"), *(Point("sinkhorn", r) for r in AUTO_REGS)]
+
+
+# -- the recipe search ------------------------------------------------------------------------
+SEARCH_RESIDUALS = ("average", "shared", "weighted-scalar")  # the residual policies searched
+DEFAULT_SEARCH_POINTS = 32  # a 2-model search: 24 structures at EMD + Sinkhorn for the best
+DEFAULT_SEARCH_SECONDS = 600.0
+SearchMode = Literal["auto", "fixed"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One point of a recipe search: the parts of a FusionSpec the search varies."""
+
+    anchor: int
+    alignment: str
+    residual: str
+    heads: str
+    solver: str
+    reg: float | None = None  # Sinkhorn only
+
+    @property
+    def point(self) -> Point:
+        return Point(self.solver, self.reg)
+
+    @property
+    def structure(self) -> tuple[int, str, str, str]:
+        """Everything but the solver point."""
+        return (self.anchor, self.alignment, self.residual, self.heads)
+
+    @property
+    def needs_activations(self) -> bool:
+        return self.alignment == "activations" or self.residual.startswith("weighted")
+
+    @property
+    def label(self) -> str:
+        return (
+            f"anchor {self.anchor}, {self.alignment}, {self.residual}, {self.heads} heads, "
+            f"{self.point.label}"
+        )
+
+    def as_spec(self, spec: FusionSpec) -> FusionSpec:
+        """`spec` with this recipe's fields."""
+        return replace(
+            spec,
+            anchor=self.anchor,
+            alignment=self.alignment,
+            residual=self.residual,
+            heads=self.heads,
+            solver=self.solver,
+            reg=self.reg if self.reg is not None else spec.reg,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a job's recipe search may try. A grid (anchors x alignments x residuals x heads x
+    solver points) or an explicit list of recipes; at most `budget` points and `seconds`.
+    `anchors` None: every model when the parents have equal shapes, else the spec's anchor.
+    One recipe in all is no search: the fixed recipe (the regularizer sweep is a search whose
+    only free axis is the solver point)."""
+
+    mode: str  # "auto" | "list" | "fixed"
+    alignments: tuple[str, ...] = ("weights",)
+    residuals: tuple[str, ...] = ("average",)
+    heads: tuple[str, ...] = ("matched",)
+    points: tuple[Point, ...] = (Point("sinkhorn", DEFAULT_REG),)
+    anchors: tuple[int, ...] | None = (0,)
+    recipes: tuple[Recipe, ...] = ()  # mode "list"
+    budget: int = DEFAULT_SEARCH_POINTS
+    seconds: float | None = DEFAULT_SEARCH_SECONDS
+    reason: str = "the recipe as given"  # why a fixed recipe (fusion.json says it)
+
+    @classmethod
+    def fixed(cls, spec: FusionSpec, points: Sequence[Point] | None = None) -> SearchSpace:
+        """The spec's recipe, optionally swept over solver points (the regularizer sweep)."""
+        reg = spec.reg if spec.solver == "sinkhorn" else None
+        return cls(
+            "fixed",
+            (spec.alignment,),
+            (spec.residual,),
+            (spec.heads,),
+            tuple(points or [Point(spec.solver, reg)]),
+            (spec.anchor,),
+        )
+
+    @classmethod
+    def auto(cls, spec: FusionSpec, pinned: Sequence[str] = (), **limits) -> SearchSpace:
+        """Every axis searched but the `pinned` fields of `spec` (alignment, residual, heads,
+        solver, reg, anchor), which keep the spec's value."""
+        pinned = set(pinned)
+        if "reg" in pinned and spec.solver == "sinkhorn":
+            points: tuple[Point, ...] = (Point("sinkhorn", spec.reg),)
+        elif "solver" in pinned:
+            points = (Point("emd"),) if spec.solver == "emd" else tuple(auto_points()[1:])
+        else:
+            points = tuple(auto_points())
+        return cls(
+            "auto",
+            (spec.alignment,) if "alignment" in pinned else ALIGNMENTS,
+            (spec.residual,) if "residual" in pinned else SEARCH_RESIDUALS,
+            (spec.heads,) if "heads" in pinned else HEAD_MODES,
+            points,
+            (spec.anchor,) if "anchor" in pinned else None,
+            **limits,
+        )
+
+    @property
+    def is_search(self) -> bool:
+        """More than one candidate (an unpinned anchor may add some once shapes are known)."""
+        if self.mode == "list":
+            return len(self.recipes) > 1
+        grid = len(self.alignments) * len(self.residuals) * len(self.heads) * len(self.points)
+        return grid > 1 or self.anchors is None
+
+    def planned(self, num_models: int) -> int:
+        """The most recipes it fuses (fewer when the models' shapes pin the anchor)."""
+        if self.mode == "list":
+            return min(self.budget, len(self.recipes))
+        anchors = len(self.anchors) if self.anchors is not None else num_models
+        grid = len(self.alignments) * len(self.residuals) * len(self.heads) * len(self.points)
+        return min(self.budget, grid * anchors)
+
+    @property
+    def needs_activations(self) -> bool:
+        """Some candidate needs activations (then data is needed: calibration serves)."""
+        if self.mode == "list":
+            return any(r.needs_activations for r in self.recipes)
+        return "activations" in self.alignments or any(
+            r.startswith("weighted") for r in self.residuals
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "budget": {"points": self.budget, "seconds": self.seconds},
+        }
 
 
 def parse_regs(value: str | float | Sequence[str | float]) -> list[Point]:
@@ -105,8 +246,65 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RecipeSpec(Strict):
+    """One recipe of a `policy` list: a partial fusion policy; what it leaves out comes
+    from the job's policy, regularizer and anchor."""
+
+    alignment: Alignment | None = None
+    residual: Residual | None = None
+    heads: Heads | None = None
+    solver: Solver | None = None
+    reg: float | None = Field(None, gt=0, description="Sinkhorn regularizer (implies sinkhorn)")
+    anchor: int | None = Field(None, ge=0)
+
+
+SEARCH_HELP = (
+    'must be "auto", "fixed" or a list of 1 to 64 recipes (objects with alignment, residual, '
+    "heads, solver, reg, anchor)"
+)
+
+
 class Policy(Strict):
-    """How models are aligned and merged (the CLI's flags of the same names)."""
+    """How models are aligned and merged (the CLI's flags of the same names), and whether a
+    recipe search chooses it. `"policy": "auto"` (or a list of recipes) is short for
+    `{"search": "auto"}`."""
+
+    search: SearchMode | list[RecipeSpec] | None = Field(
+        None,
+        description="auto: search alignment x residual (average, shared, weighted-scalar) x "
+        "heads x solver point (EMD, Sinkhorn regularizers) and, when `anchor` is not given and "
+        "the models have equal shapes, the anchor; fields given here (and `regularizer`, "
+        "`anchor`) pin their axis. Candidates are fused and scored on data.calibration "
+        "(never data.eval), cheap ones first, within search_budget points and search_seconds; "
+        "the best is published. A list: these recipes only. fixed: the recipe as given. "
+        "Default: auto when data.calibration is given, else fixed",
+        examples=["auto", [{"alignment": "activations", "residual": "shared", "solver": "emd"}]],
+    )
+    search_budget: int = Field(
+        DEFAULT_SEARCH_POINTS, ge=1, le=1000, description="most recipes a search fuses"
+    )
+    search_seconds: float | None = Field(
+        DEFAULT_SEARCH_SECONDS,
+        gt=0,
+        le=7 * 86400,
+        description="no new recipe is started after this many seconds of search",
+    )
+
+    @field_validator("search", mode="wrap")
+    @classmethod
+    def _search(cls, value, handler):
+        # One clear message at `policy.search`, not one per member of the union.
+        if isinstance(value, list) and not 1 <= len(value) <= 64:
+            raise ValueError(SEARCH_HELP)
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            detail = ""
+            if isinstance(value, list):  # the first error inside a recipe, by its path
+                error = next(e for e in exc.errors() if len(e.get("loc", ())) > 1)
+                where = ".".join(str(p) for p in error["loc"][1:])
+                detail = f"; recipe {where}: {error.get('msg')}"
+            raise ValueError(SEARCH_HELP + detail) from None
 
     alignment: Alignment = Field(
         "weights", description="what the OT cost compares: weight rows or activations on data"
@@ -223,8 +421,7 @@ EXAMPLE_SPEC = {
 }
 HEALED_EXAMPLE_SPEC = {
     "models": ["s3://models/vit-seed0/", "s3://models/vit-seed1/"],
-    "policy": {"alignment": "activations", "residual": "shared"},
-    "regularizer": "auto",
+    "policy": "auto",
     "data": {
         "activations": "s3://models/digits/calib.safetensors",
         "calibration": "s3://models/digits/calib.safetensors",
@@ -279,6 +476,14 @@ class JobSpec(Strict):
     labels: dict[Annotated[str, Field(max_length=63)], Annotated[str, Field(max_length=256)]] = (
         Field(default_factory=dict, max_length=32)
     )
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _policy(cls, value):
+        # "auto", "fixed" or a list of recipes: short for {"search": value}
+        if isinstance(value, str | list):
+            return {"search": value}
+        return value
 
     @field_validator("models", mode="wrap")
     @classmethod
@@ -375,23 +580,30 @@ def check_job(
     finetune_data: str | None,
     baselines: Sequence[str] = (),
     max_finetune_seconds: float | None = None,
+    search: bool = False,
 ) -> str | None:
     """The rules that span fields, for a job given by value (the spec's or fuse_job's
-    arguments; data as normalized URIs or resolved paths). Returns the calibration data the
-    sweep chooses on (None when nothing is chosen)."""
-    if needs_activations and activations is None:
-        raise InputError("required for the policy's activations", "data.activations")
+    arguments; data as normalized URIs or resolved paths). `search`: a recipe search chooses
+    among several recipes (`points`: a regularizer sweep's points). Returns the calibration
+    data the sweep or search chooses on (None when nothing is chosen)."""
+    choosing = len(points) > 1 or search
+    if search and method != "ot":
+        raise InputError("a recipe search needs method ot", "policy.search")
     if len(points) > 1 and method != "ot":
         raise InputError("a sweep needs method ot (vanilla has no regularizer)", "regularizer")
     chosen_on = calibration if calibration is not None else None
-    if chosen_on is None and len(points) > 1:
+    if chosen_on is None and choosing:
         chosen_on = activations
-    if len(points) > 1 and chosen_on is None:
+    if choosing and chosen_on is None:
+        what = "a recipe search" if search else f"a sweep over {len(points)} points"
         raise InputError(
-            f"required for a sweep over {len(points)} points (the best one-shot model on it is "
-            "kept); data.activations serves when it is not given",
+            f"required for {what} (the best one-shot model on it is kept); data.activations "
+            "serves when it is not given",
             "data.calibration",
         )
+    # a search collects its activations on the calibration data when no other is given
+    if needs_activations and activations is None and not search:
+        raise InputError("required for the policy's activations", "data.activations")
     if chosen_on is not None and eval_data is not None and chosen_on == eval_data:
         raise InputError(
             "the calibration data must not be data.eval: the sweep would choose on the numbers "
@@ -440,10 +652,12 @@ def validate_job(
         raise InputError("needs a budget: steps, epochs or seconds (at least one)", "finetune")
     points = reg_points(spec)
     recipe = fusion_spec(spec, "cpu")
+    space = search_space(spec)
     check_job(
         method=spec.method,
-        points=points,
-        needs_activations=recipe.needs_activations,
+        points=points if space.mode == "fixed" else points[:1],
+        search=space.mode != "fixed" and space.is_search,
+        needs_activations=recipe.needs_activations or space.needs_activations,
         activations=spec.data.activations,
         calibration=spec.data.calibration,
         eval_data=spec.data.eval,
@@ -474,6 +688,64 @@ def reg_points(spec: JobSpec) -> list[Point]:
         return [Point("emd")]
     points = parse_regs(regs)
     return [Point("emd")] if points == [Point("emd")] else points
+
+
+def search_mode(spec: JobSpec) -> str:
+    """auto, list or fixed: as the job names it, else auto when it has calibration data."""
+    search = spec.policy.search
+    if isinstance(search, list):
+        return "list"
+    if search is None:
+        return "auto" if spec.data.calibration is not None and spec.method == "ot" else "fixed"
+    return search
+
+
+def search_space(spec: JobSpec) -> SearchSpace:
+    """What the job's recipe search may try: the fields the job gives (policy's alignment,
+    residual, heads, solver; regularizer; anchor) pin their axis."""
+    mode = search_mode(spec)
+    if mode != "fixed" and spec.method != "ot":
+        raise InputError("a recipe search needs method ot", "policy.search")
+    base = fusion_spec(spec, "cpu")
+    limits = {"budget": spec.policy.search_budget, "seconds": spec.policy.search_seconds}
+    if mode == "fixed":
+        reason = (
+            "policy fixed: the recipe as given"
+            if spec.policy.search == "fixed"
+            else "no calibration data to search on (data.calibration): the recipe as given, "
+            "defaults for what it does not give"
+        )
+        return replace(SearchSpace.fixed(base, reg_points(spec)), reason=reason, **limits)
+    given = spec.policy.model_fields_set & {"alignment", "residual", "heads", "solver"}
+    given |= {"reg"} if "regularizer" in spec.model_fields_set else set()
+    given |= {"anchor"} if "anchor" in spec.model_fields_set else set()
+    if mode == "auto":
+        space = SearchSpace.auto(base, sorted(given), **limits)
+        if "reg" in given and not isinstance(spec.regularizer, float):
+            space = replace(space, points=tuple(reg_points(spec)))  # a list or "auto"
+        return space
+    recipes = []
+    assert isinstance(spec.policy.search, list)
+    for i, item in enumerate(spec.policy.search):
+        anchor = item.anchor if item.anchor is not None else base.anchor
+        if anchor >= len(spec.models):
+            raise InputError(
+                f"recipe {i}: anchor {anchor} is out of range for {len(spec.models)} models",
+                "policy.search",
+            )
+        solver = item.solver or ("sinkhorn" if item.reg is not None else base.solver)
+        reg = None if solver == "emd" else (item.reg if item.reg is not None else base.reg)
+        recipe = Recipe(
+            anchor,
+            item.alignment or base.alignment,
+            item.residual or base.residual,
+            item.heads or base.heads,
+            solver,
+            reg,
+        )
+        if recipe not in recipes:
+            recipes.append(recipe)
+    return SearchSpace("list", recipes=tuple(recipes), **limits)
 
 
 def fusion_spec(spec: JobSpec, device: str) -> FusionSpec:

@@ -1,8 +1,10 @@
-"""A whole fusion job: sweep -> baselines -> finetune -> artifacts, published atomically.
+"""A whole fusion job: recipe search -> baselines -> finetune -> artifacts, published
+atomically.
 
-    fuse_job(models, out, spec, regs="auto", data=calib, eval_data=test, calib_data=calib,
-             finetune=FinetuneConfig(steps=200, lr=1e-3), finetune_data=train,
-             finetune_baselines=("vanilla",), save_transport_maps=True, report=True)
+    fuse_job(models, out, spec, search=SearchSpace.auto(spec), eval_data=test,
+             calib_data=calib, finetune=FinetuneConfig(steps=200, lr=1e-3),
+             finetune_data=train, finetune_baselines=("vanilla",), save_transport_maps=True,
+             report=True)
 
 `out` receives one HF checkpoint folder: the chosen one-shot OT fusion, or its finetuned
 version when a finetune is asked, plus `metrics.json`, optionally `transport_maps.safetensors`
@@ -25,7 +27,7 @@ from . import __version__
 from .api import FusionReport, ProgressCallback, prepare
 from .baselines import parents_and_ensemble, vanilla_fusion
 from .checkpoint import open_checkpoint
-from .contract import Point, check_job, parse_regs
+from .contract import Point, SearchSpace, check_job, parse_regs
 from .errors import InputError, check_cancelled
 from .evaluate import EvalSet, load_eval_set, metrics_from_scores, model_scores, task_of
 from .families import resolve_family
@@ -43,8 +45,9 @@ from .metrics import (
     write_metrics,
 )
 from .progress import Progress
+from .search import run_search, write_chosen
 from .spec import FusionSpec
-from .sweep import run_sweep, save_transport_maps
+from .sweep import save_transport_maps
 from .writer import check_output_dir
 
 
@@ -62,6 +65,7 @@ def fuse_job(
     spec: FusionSpec | None = None,
     *,
     regs: str | float | Sequence[str | float] | None = None,
+    search: SearchSpace | None = None,
     data: str | Path | None = None,
     eval_data: str | Path | None = None,
     calib_data: str | Path | None = None,
@@ -79,8 +83,12 @@ def fuse_job(
 ) -> JobResult:
     """Fuse, sweep, evaluate against baselines, optionally finetune, write artifacts.
 
-    - `regs`: None (the spec's solver and reg), a number, "auto", "emd" or a list; with more
-      than one point the best one-shot model on `calib_data` (default: `data`) is kept.
+    - `search`: the recipes to try (`SearchSpace.auto(spec, pinned)`, a list, or None: the
+      spec's recipe, swept over `regs`); with more than one the best one-shot model on
+      `calib_data` (default: `data`) is kept. The eval data takes no part in the choice.
+      Activations the search needs are collected on `data`, else on the calibration data.
+    - `regs`: None (the spec's solver and reg), a number, "auto", "emd" or a list: the
+      solver points of a fixed recipe (a regularizer sweep).
     - `eval_data`: where parents, ensemble, vanilla, fused (and finetuned) models are
       compared; must differ from the calibration data.
     - `finetune_config` + `finetune_data`: heal the chosen fusion (with `distill` > 0, also
@@ -101,6 +109,10 @@ def fuse_job(
     points = parse_regs(regs) if regs is not None else [Point(spec.solver, reg)]
     if points == [Point("emd")] or (len(points) == 1 and points[0].solver == "emd"):
         points = [Point("emd")]
+    space = search or SearchSpace.fixed(spec, points)
+    if space.mode == "fixed" and search is not None and regs is None:
+        points = list(space.points)
+    searching = space.mode != "fixed" and space.is_search
     if finetune_config is not None:
         finetune_config = finetune_config.validate()
         if finetune_config.device is None:
@@ -108,8 +120,9 @@ def fuse_job(
     # The job contract's rules, on resolved paths (two names of one file are one file).
     chosen_on = check_job(
         method=spec.method,
-        points=points,
-        needs_activations=spec.needs_activations,
+        points=points if not searching else points[:1],
+        search=searching,
+        needs_activations=spec.needs_activations or space.needs_activations,
         activations=_resolved(data),
         calibration=_resolved(calib_data),
         eval_data=_resolved(eval_data),
@@ -118,6 +131,8 @@ def fuse_job(
         baselines=tuple(finetune_baselines),
     )
     calib_file = Path(chosen_on) if chosen_on is not None else None
+    if data is None and space.needs_activations:
+        data = calib_file  # a search collects its activations on the calibration data
 
     cancelled = should_cancel or (lambda: False)
     say = progress or (lambda _p: None)
@@ -137,23 +152,26 @@ def fuse_job(
 
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".work", dir=out.parent))
     try:
-        # 1. fuse once per point, keep the best on calibration data
-        enter("aligning", "aligning")
-        prepared = prepare(model_dirs, spec, data, say, allow_pickle, limits, cancelled, names)
+        # 1. fuse each candidate recipe, keep the best on calibration data (eval: not used)
+        enter("search" if searching else "aligning", "preparing")
+        prepared = prepare(
+            model_dirs, spec, data, say, allow_pickle, limits, cancelled, names, not searching
+        )
         shown = prepared.name_of
         keep_plans = save_maps or report
-        swept = run_sweep(
+        searched = run_search(
             prepared,
-            points,
-            work,
+            space,
             calib_set,
-            eval_set,
-            keep_plans=keep_plans,
             device=spec.device,
             progress=say,
             should_cancel=cancelled,
         )
-        chosen = swept.points[swept.chosen]
+        enter("aligning", "writing the chosen fusion")
+        fusion = write_chosen(
+            searched, work / "fused", space, shown(calib_file), keep_plans=keep_plans
+        )
+        spec = fusion.spec
         timings["fusion"] = round(time.perf_counter() - clock, 3)
 
         # 2. baselines on the eval data
@@ -165,10 +183,12 @@ def fuse_job(
         need_vanilla = eval_set is not None or "vanilla" in finetune_baselines
         if need_vanilla:
             vanilla_dir = work / "vanilla"
-            vanilla_reason = vanilla_fusion(prepared, vanilla_dir, None, cancelled)
+            vanilla_reason = vanilla_fusion(searched.prepared, vanilla_dir, None, cancelled)
             if vanilla_reason is not None:
                 vanilla_dir = None
-        fused_metrics = chosen.eval
+        fused_metrics = (
+            _metrics(fusion.out, eval_set, spec.device, cancelled) if eval_set is not None else None
+        )
         if eval_set is not None:
             evaluation = parents_and_ensemble(model_dirs, eval_set, spec.device, say, cancelled)
             if vanilla_dir is not None:
@@ -185,13 +205,13 @@ def fuse_job(
         timings["evaluation"] = round(time.perf_counter() - clock - sum(timings.values()), 3)
 
         # 3. finetune the chosen fusion (and the baselines, same budget)
-        published = swept.folder
+        published = fusion.out
         finetune_record = None
         if finetune_config is not None:
             _check(cancelled)
             enter("finetuning", "finetuning the fused model")
             runs = []
-            jobs = [("fused", swept.folder, fused_metrics)]
+            jobs = [("fused", fusion.out, fused_metrics)]
             if "vanilla" in finetune_baselines:
                 if vanilla_dir is not None:
                     before = next((r.metrics for r in evaluation if r.kind == "vanilla"), None)
@@ -242,7 +262,6 @@ def fuse_job(
             elif result.path is not None:
                 result.path = shown(result.path)
         artifacts: dict[str, str] = {"model": "."}
-        fusion = swept.report
         diagnostics = []
         if fusion.transport_maps is not None:
             diagnostics = plan_diagnostics(fusion.transport_maps, fusion.plans)
@@ -271,10 +290,18 @@ def fuse_job(
             sweep=Sweep(
                 shown(calib_file) or "",
                 primary_metric(task),
-                swept.points,
-                {"solver": chosen.solver, "reg": chosen.reg},
+                searched.points,
+                searched.recipe.to_dict(),
+                "fixed" if space.mode == "fixed" else space.mode,
+                searched.reason,
+                _recipe(searched.points[searched.runner_up])
+                if searched.runner_up is not None
+                else None,
+                {"points": space.budget, "seconds": space.seconds},
+                searched.stopped_by,
+                searched.skipped,
             )
-            if calib_set is not None
+            if calib_set is not None and (len(searched.points) > 1 or searching)
             else None,
             finetune=finetune_record,
             plans=diagnostics,
@@ -303,6 +330,12 @@ def fuse_job(
         return JobResult(out, document, files, fusion)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _recipe(point) -> dict:
+    from .search import recipe_of
+
+    return recipe_of(point).to_dict()
 
 
 def _metrics(folder: Path, eval_set: EvalSet, device: str, cancelled=None) -> dict[str, float]:
@@ -334,12 +367,11 @@ def _append_card(card: Path, document: dict) -> None:
             lines.append(f"| {r['name']}{mark} | " + " | ".join(cells) + " |")
         lines.append(f"\nOn `{document['data']['eval']}`.")
     if document.get("sweep"):
-        chosen = document["sweep"]["chosen"]
-        what = "EMD" if chosen["solver"] == "emd" else f"Sinkhorn reg {chosen['reg']:g}"
+        sweep = document["sweep"]
         lines.append(
-            f"\nRegularizer chosen on `{document['sweep']['selected_on']}` by "
-            f"{document['sweep']['metric']}: {what} "
-            f"({len(document['sweep']['points'])} points tried)."
+            f"\nRecipe chosen on `{sweep['selected_on']}` by {sweep['metric']}: "
+            f"{recipe_label(sweep['chosen'])} ({len(sweep['points'])} recipes tried; "
+            f"{sweep.get('reason') or 'best calibration score'})."
         )
     lines.append("\nAll numbers: `metrics.json`.\n")
     with card.open("a") as handle:
@@ -347,6 +379,15 @@ def _append_card(card: Path, document: dict) -> None:
 
 
 METRIC_NAMES = ("accuracy", "loss", "perplexity")
+
+
+def recipe_label(recipe: dict) -> str:
+    """A recipe dict for people: "anchor 1, activations, shared, matched heads, emd"."""
+    solver = "emd" if recipe["solver"] == "emd" else f"sinkhorn reg={recipe['reg']:g}"
+    return (
+        f"anchor {recipe['anchor']}, {recipe['alignment']}, {recipe['residual']}, "
+        f"{recipe['heads']} heads, {solver}"
+    )
 
 
 def _fmt(value) -> str:

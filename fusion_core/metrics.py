@@ -45,14 +45,20 @@ class ModelResult:
 
 @dataclass
 class SweepPoint:
-    """One fusion of the sweep, scored on the calibration data (and on eval, for the curve)."""
+    """One recipe the search fused, scored on the calibration data (`eval` stays None in a
+    job: the eval data takes no part in the search)."""
 
     solver: str
     reg: float | None  # None for EMD
     calib: dict[str, float]
     eval: dict[str, float] | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # fusing and scoring it
     chosen: bool = False
+    anchor: int = 0
+    alignment: str = "weights"
+    residual: str = "average"
+    heads: str = "matched"
+    phase: str = "screen"  # screen: a structure at its first solver point; refine: the others
 
     @property
     def label(self) -> str:
@@ -61,10 +67,18 @@ class SweepPoint:
 
 @dataclass
 class Sweep:
+    """The recipe search (a regularizer sweep when only the solver point varies)."""
+
     selected_on: str  # path of the calibration data
     metric: str  # "accuracy" (higher is better) or "loss" (lower is better)
-    points: list[SweepPoint]
-    chosen: dict  # {"solver": ..., "reg": ...}
+    points: list[SweepPoint]  # in the order tried
+    chosen: dict  # the recipe: {"anchor", "alignment", "residual", "heads", "solver", "reg"}
+    mode: str = "fixed"  # "auto" | "list" | "fixed" (only regularizers swept)
+    reason: str = ""  # why the chosen recipe won, with the runner-up
+    runner_up: dict | None = None  # its recipe
+    budget: dict = field(default_factory=dict)  # {"points": N, "seconds": S}
+    stopped_by: str | None = None  # "points" | "seconds"; None: every candidate was tried
+    skipped: list[dict] = field(default_factory=list)  # {"recipe", "reason"}: not fusable
 
 
 @dataclass

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-Stage = Literal["aligning", "evaluating", "finetuning", "writing"]
-STAGES: tuple[Stage, ...] = ("aligning", "evaluating", "finetuning", "writing")
+Stage = Literal["search", "aligning", "evaluating", "finetuning", "writing"]
+STAGES: tuple[Stage, ...] = ("search", "aligning", "evaluating", "finetuning", "writing")
 
 
 @dataclass(frozen=True)
@@ -18,10 +18,13 @@ class Progress:
     total: int
     detail: str = ""  # for people: "aligning layer 5/12", "finetune fused: step 40/60, ..."
     stage: Stage = "aligning"
-    unit: str = ""  # what steps count: "block", "model", "batch", "step"
-    point: int | None = None  # the sweep point (0-based) it belongs to
-    points: int | None = None  # points in the sweep
+    unit: str = ""  # what steps count: "recipe", "block", "model", "batch", "step"
+    point: int | None = None  # the search's recipe (0-based) it belongs to
+    points: int | None = None  # recipes the search plans (its budget or fewer)
     run: str | None = None  # the finetune run ("fused", "vanilla")
+    # the fused checkpoint's bytes written so far and in all (fusion streams it to disk)
+    bytes_written: int | None = None
+    bytes_total: int | None = None
 
     @property
     def fraction(self) -> float:

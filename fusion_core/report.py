@@ -60,10 +60,27 @@ def baseline_chart(document: dict) -> bytes | None:
     return _png(fig)
 
 
+STRUCTURE = ("anchor", "alignment", "residual", "heads")
+
+
+def short_recipe(p: dict) -> str:
+    """A recipe in a chart's label: "a1 act shared cross s0.01"."""
+    solver = "emd" if p["solver"] == "emd" else f"s{p['reg']:g}"
+    return (
+        f"a{p.get('anchor', 0)} {p.get('alignment', 'weights')[:3]} "
+        f"{p.get('residual', 'average')} {p.get('heads', 'matched')} {solver}"
+    )
+
+
 def sweep_chart(document: dict) -> bytes | None:
+    """Only the solver point varied: the metric against the regularizer. Else one bar per
+    recipe tried, best first, the chosen one marked."""
     sweep = document.get("sweep")
     if not sweep or not sweep.get("points"):
         return None
+    structures = {tuple(p.get(k) for k in STRUCTURE) for p in sweep["points"]}
+    if len(structures) > 1:
+        return recipe_chart(sweep)
     metric = sweep["metric"]
     fig = Figure(figsize=(5.5, 3.6))
     ax = fig.add_subplot(1, 1, 1)
@@ -98,6 +115,29 @@ def sweep_chart(document: dict) -> bytes | None:
     ax.set_ylabel(metric)
     ax.set_title(f"one-shot {metric} vs regularizer")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def recipe_chart(sweep: dict) -> bytes:
+    metric = sweep["metric"]
+    better_high = metric == "accuracy"
+    points = [p for p in sweep["points"] if p.get("calib")]
+    points.sort(key=lambda p: p["calib"][metric], reverse=better_high)
+    fig = Figure(figsize=(6.5, 1.2 + 0.22 * len(points)))
+    ax = fig.add_subplot(1, 1, 1)
+    ys = list(range(len(points)))[::-1]
+    colors = ["#f28e2b" if p.get("chosen") else "#4e79a7" for p in points]
+    ax.barh(ys, [p["calib"][metric] for p in points], color=colors, label="calib")
+    evals = [(y, p["eval"][metric]) for y, p in zip(ys, points, strict=True) if p.get("eval")]
+    if evals:
+        ax.plot([v for _, v in evals], [y for y, _ in evals], "k|", markersize=9, label="eval")
+    ax.set_yticks(ys, [short_recipe(p) for p in points], fontsize=6)
+    values = [p["calib"][metric] for p in points]
+    if better_high and values:
+        ax.set_xlim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.02))
+    ax.set_xlabel(f"calibration {metric} (orange: chosen)")
+    ax.set_title(f"recipe search: {len(sweep['points'])} recipes, best first")
     fig.tight_layout()
     return _png(fig)
 
@@ -216,22 +256,28 @@ def write_report(
     parts += _image("baselines", images, "Baselines on the eval data")
     sweep = document.get("sweep")
     if sweep:
+        why = sweep.get("reason") or ""
         parts.append(
-            f"<h2>Regularizer sweep</h2><p>Chosen on <code>{e(sweep['selected_on'])}"
-            f"</code> by {e(sweep['metric'])}.</p><table><tr><th>solver</th><th>reg"
-            "</th><th>calib</th><th>eval</th><th>seconds</th><th>chosen</th></tr>"
+            f"<h2>Recipe search</h2><p>{len(sweep['points'])} recipes fused, chosen on "
+            f"<code>{e(sweep['selected_on'])}</code> by calibration {e(sweep['metric'])}"
+            f"{': ' + e(why) if why else ''}.</p><table><tr><th>#</th><th>anchor</th>"
+            "<th>alignment</th><th>residual</th><th>heads</th><th>solver</th><th>reg</th>"
+            "<th>calib</th><th>eval</th><th>seconds</th><th>chosen</th></tr>"
         )
-        for p in sweep["points"]:
+        for i, p in enumerate(sweep["points"], 1):
             reg = "" if p["reg"] is None else f"{p['reg']:g}"
             calib = _fmt((p.get("calib") or {}).get(sweep["metric"]))
             evl = _fmt((p.get("eval") or {}).get(sweep["metric"]))
+            structure = "".join(f"<td>{e(str(p.get(k, '')))}</td>" for k in STRUCTURE)
             parts.append(
-                f"<tr><td>{e(p['solver'])}</td><td>{reg}</td><td>{calib}</td>"
-                f"<td>{evl}</td><td>{p['seconds']:.2f}</td>"
+                f"<tr><td>{i}</td>{structure}<td>{e(p['solver'])}</td><td>{reg}</td>"
+                f"<td>{calib}</td><td>{evl}</td><td>{p['seconds']:.2f}</td>"
                 f"<td>{'&#10003;' if p.get('chosen') else ''}</td></tr>"
             )
         parts.append("</table>")
-    parts += _image("sweep", images, "Metric vs regularizer")
+        for skipped in sweep.get("skipped") or []:
+            parts.append(f"<p>Skipped {e(str(skipped['recipe']))}: {e(skipped['reason'])}</p>")
+    parts += _image("sweep", images, "Calibration metric per recipe")
     finetune = document.get("finetune")
     if finetune:
         cfg = finetune["config"]

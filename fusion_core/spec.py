@@ -46,6 +46,8 @@ class FusionSpec:
     samples: int = 200  # examples drawn from the data file for activations
     max_tokens: int = 16384  # tokens kept per activation tap (a seeded subset)
     device: str = "cpu"
+    # the fused checkpoint's shards: Hugging Face's naming, a new shard past this many bytes
+    max_shard_size: int = 5 * 10**9
 
     def validate(self, num_models: int) -> FusionSpec:
         _choice("method", self.method, METHODS)
@@ -81,6 +83,11 @@ class FusionSpec:
                 )
         if self.samples < 1 or self.max_tokens < 1:
             raise InputError("must be at least 1", field="samples")
+        if self.max_shard_size < 1:
+            raise InputError(
+                f"must be a positive number of bytes, not {self.max_shard_size}",
+                field="max_shard_size",
+            )
         if not re.match(r"^(cpu|cuda(:\d+)?|mps)$", self.device):
             raise InputError(f"must be cpu or cuda[:N], not {self.device!r}", field="device")
         return self

@@ -52,6 +52,139 @@ POLICY = Policy()  # the job contract's defaults are the flags' defaults
 FINETUNE = Finetune(steps=1)
 
 
+def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of a fusion recipe, shared by `fuse` and `plan`."""
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="ot",
+        help="ot: align then average (default); vanilla: plain averaging",
+    )
+    parser.add_argument(
+        "--alignment",
+        choices=ALIGNMENTS,
+        help="what the OT cost compares: weight rows (default) or activations on --data; "
+        "given, it pins a search to it",
+    )
+    parser.add_argument(
+        "--solver",
+        choices=SOLVERS,
+        help="emd: exact hard alignment; sinkhorn: soft alignment (default); given, it pins a "
+        "search to it",
+    )
+    parser.add_argument(
+        "--reg",
+        type=_reg_or_fail,
+        metavar="FLOAT|LIST|auto",
+        help=f"Sinkhorn regularizer on the max-normalized cost (default {DEFAULT_REG:g}; smaller "
+        "is harder). A comma-separated list (numbers and/or emd) or auto (EMD and Sinkhorn "
+        "0.01..0.3, 5 log-spaced values) sweeps: one fusion per value, the best one-shot on "
+        "--calib-data is kept; given, it pins a search's solver points",
+    )
+    parser.add_argument(
+        "--residual",
+        choices=RESIDUALS,
+        help="how TMs merge at residual additions (default average; weighted "
+        "policies use the anchor's activations on --data; shared: one TM for the whole "
+        "residual stream, which keeps each aligned model's function under hard alignment); "
+        "given, it pins a search to it",
+    )
+    parser.add_argument(
+        "--filter",
+        default=POLICY.filter,
+        metavar="all|cls|window-N",
+        help="ViT tokens used as activation samples (default all)",
+    )
+    parser.add_argument(
+        "--qk",
+        choices=QK_MODES,
+        default=POLICY.qk,
+        help="query and key share one TM (tied, default) or get their own; rotary models "
+        "(Llama, Mistral, Qwen2) need tied: their Q/K heads move whole",
+    )
+    parser.add_argument(
+        "--heads",
+        choices=HEAD_MODES,
+        help="matched (default): heads paired one to one (key/value groups first under "
+        "grouped-query attention), dimensions aligned inside pairs; cross: the paper's "
+        "cross-head alignment over all heads' dimensions (not for rotary models); given, it "
+        "pins a search to it",
+    )
+    parser.add_argument(
+        "--rectangular",
+        choices=RECTANGULAR,
+        default=POLICY.rectangular,
+        help="maps between different widths: rms (default) keeps each anchor neuron's RMS "
+        "and the attention temperature; mass: plain averages; width: the paper code's "
+        "n_model/n_anchor on outputs",
+    )
+    parser.add_argument(
+        "--anchor",
+        type=int,
+        metavar="INDEX",
+        help="index of the model whose shapes and space the others join (default 0; a search "
+        "tries every model when they have equal shapes, unless this is given)",
+    )
+    parser.add_argument(
+        "--policy",
+        metavar="auto|fixed|JSON",
+        help="auto: search alignment x residual (average, shared, weighted-scalar) x heads x "
+        "solver point (EMD, Sinkhorn 0.01..0.3) and the anchor, scored on --calib-data (never "
+        "--eval-data), cheap recipes first; flags given pin their axis. fixed: the recipe the "
+        "flags give. A JSON list of recipes (objects with alignment, residual, heads, solver, "
+        "reg, anchor): those only. Default: auto with --calib-data, else fixed",
+    )
+    parser.add_argument(
+        "--search-budget",
+        type=int,
+        default=POLICY.search_budget,
+        metavar="N",
+        help=f"most recipes a search fuses (default {POLICY.search_budget})",
+    )
+    parser.add_argument(
+        "--search-seconds",
+        type=_float_or_fail,
+        default=POLICY.search_seconds,
+        metavar="S",
+        help=f"no new recipe is started after S seconds of search (default "
+        f"{POLICY.search_seconds:g})",
+    )
+    parser.add_argument(
+        "--weights",
+        type=_float_or_fail,
+        nargs="+",
+        metavar="W",
+        help="per-model weights in the average (default equal)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        metavar="FILE",
+        help="safetensors of model inputs, for activations-based alignment and "
+        "weighted residual policies",
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=POLICY.samples,
+        metavar="N",
+        help=f"examples of --data used for activations (default {POLICY.samples})",
+    )
+    parser.add_argument(
+        "--device",
+        default=POLICY.device,
+        metavar="auto|cpu|cuda[:N]",
+        help="device for alignment, OT, evaluation and finetuning (default auto: cuda when "
+        "there is one)",
+    )
+    parser.add_argument(
+        "--allow-weights-only-pickle",
+        action="store_true",
+        help="also read legacy .bin checkpoints with torch's weights_only loader "
+        "(off by default: safetensors only)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="otfuse",
@@ -74,112 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="output folder (must not exist or be empty); written atomically",
     )
-    fuse.add_argument(
-        "--method",
-        choices=METHODS,
-        default="ot",
-        help="ot: align then average (default); vanilla: plain averaging",
-    )
-    fuse.add_argument(
-        "--alignment",
-        choices=ALIGNMENTS,
-        default=POLICY.alignment,
-        help="what the OT cost compares: weight rows (default) or activations on --data",
-    )
-    fuse.add_argument(
-        "--solver",
-        choices=SOLVERS,
-        default=POLICY.solver,
-        help="emd: exact hard alignment; sinkhorn: soft alignment (default)",
-    )
-    fuse.add_argument(
-        "--reg",
-        type=_reg_or_fail,
-        default=DEFAULT_REG,
-        metavar="FLOAT|LIST|auto",
-        help="Sinkhorn regularizer on the max-normalized cost (default 0.05; smaller is "
-        "harder). A comma-separated list (numbers and/or emd) or auto (EMD and Sinkhorn "
-        "0.01..0.3, 5 log-spaced values) sweeps: one fusion per value, the best one-shot on "
-        "--calib-data is kept",
-    )
-    fuse.add_argument(
-        "--residual",
-        default=POLICY.residual,
-        choices=RESIDUALS,
-        help="how TMs merge at residual additions (default average; weighted "
-        "policies use the anchor's activations on --data; shared: one TM for the whole "
-        "residual stream, which keeps each aligned model's function under hard alignment)",
-    )
-    fuse.add_argument(
-        "--filter",
-        default=POLICY.filter,
-        metavar="all|cls|window-N",
-        help="ViT tokens used as activation samples (default all)",
-    )
-    fuse.add_argument(
-        "--qk",
-        choices=QK_MODES,
-        default=POLICY.qk,
-        help="query and key share one TM (tied, default) or get their own; rotary models "
-        "(Llama, Mistral, Qwen2) need tied: their Q/K heads move whole",
-    )
-    fuse.add_argument(
-        "--heads",
-        choices=HEAD_MODES,
-        default=POLICY.heads,
-        help="matched (default): heads paired one to one (key/value groups first under "
-        "grouped-query attention), dimensions aligned inside pairs; cross: the paper's "
-        "cross-head alignment over all heads' dimensions (not for rotary models)",
-    )
-    fuse.add_argument(
-        "--rectangular",
-        choices=RECTANGULAR,
-        default=POLICY.rectangular,
-        help="maps between different widths: rms (default) keeps each anchor neuron's RMS "
-        "and the attention temperature; mass: plain averages; width: the paper code's "
-        "n_model/n_anchor on outputs",
-    )
-    fuse.add_argument(
-        "--anchor",
-        type=int,
-        default=0,
-        metavar="INDEX",
-        help="index of the model whose shapes and space the others join (default 0)",
-    )
-    fuse.add_argument(
-        "--weights",
-        type=_float_or_fail,
-        nargs="+",
-        metavar="W",
-        help="per-model weights in the average (default equal)",
-    )
-    fuse.add_argument(
-        "--data",
-        type=Path,
-        metavar="FILE",
-        help="safetensors of model inputs, for activations-based alignment and "
-        "weighted residual policies",
-    )
-    fuse.add_argument(
-        "--samples",
-        type=int,
-        default=POLICY.samples,
-        metavar="N",
-        help=f"examples of --data used for activations (default {POLICY.samples})",
-    )
-    fuse.add_argument(
-        "--device",
-        default=POLICY.device,
-        metavar="auto|cpu|cuda[:N]",
-        help="device for alignment, OT, evaluation and finetuning (default auto: cuda when "
-        "there is one)",
-    )
-    fuse.add_argument(
-        "--allow-weights-only-pickle",
-        action="store_true",
-        help="also read legacy .bin checkpoints with torch's weights_only loader "
-        "(off by default: safetensors only)",
-    )
+    add_recipe_flags(fuse)
     job = fuse.add_argument_group(
         "evaluate, sweep, finetune",
         "Any of these makes `fuse` a full job: --out then also holds metrics.json (and "
@@ -196,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib-data",
         type=Path,
         metavar="FILE",
-        help="held-out labelled inputs on which a --reg sweep picks its value (default: "
-        "--data); must differ from --eval-data",
+        help="held-out labelled inputs on which the recipe search (--policy auto, the "
+        "default with this flag) or a --reg sweep picks the fusion (default: --data); must "
+        "differ from --eval-data",
     )
     job.add_argument(
         "--finetune-data",
@@ -266,6 +295,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fuse.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
+    planner = commands.add_parser(
+        "plan",
+        help="what fusing these models will be and cost, without fusing",
+        description="From config.json and the safetensors headers only (no tensor is read): "
+        "whether the models can be fused, the fused shapes, the transport-map graph (which "
+        "spaces exist and which share a map), and the estimated peak memory and time on the "
+        "chosen device (docs/fusion.md, fusion_core/plan_costs.py). Exit status 3 when the "
+        "models cannot be fused.",
+    )
+    planner.add_argument("models", nargs="+", metavar="MODEL_DIR", help="checkpoint folders (≥ 2)")
+    add_recipe_flags(planner)
+    planner.add_argument(
+        "--calib-data",
+        type=Path,
+        metavar="FILE",
+        help="the calibration data of a sweep or search (the plan counts its fusions)",
+    )
+    planner.add_argument(
+        "--eval-data", type=Path, metavar="FILE", help="as for fuse (checked, not read)"
+    )
+    planner.add_argument("--json", action="store_true", help="the plan as JSON on stdout")
+    planner.set_defaults(
+        out=None,
+        finetune_data=None,
+        finetune_steps=None,
+        finetune_epochs=None,
+        finetune_seconds=None,
+        finetune_baselines=[],
+        lr=FINETUNE.lr,
+        batch_size=FINETUNE.batch_size,
+        save_transport_maps=False,
+        report=False,
+    )
+
     evaluate = commands.add_parser(
         "eval",
         help="one-shot metrics of a checkpoint on a data file (JSON on stdout)",
@@ -311,6 +374,10 @@ FLAGS = {
     "models": "MODEL_DIR",
     "anchor": "--anchor",
     "method": "--method",
+    "policy": "--policy",
+    "policy.search": "--policy",
+    "policy.search_budget": "--search-budget",
+    "policy.search_seconds": "--search-seconds",
     "policy.alignment": "--alignment",
     "policy.solver": "--solver",
     "policy.residual": "--residual",
@@ -374,22 +441,24 @@ def job_spec(args: argparse.Namespace):
         }
         if all(v is None for v in budget) and args.finetune_data is not None:
             finetune["epochs"] = 1.0  # the documented default budget
+    policy = {
+        "filter": args.filter,
+        "qk": args.qk,
+        "rectangular": args.rectangular,
+        "samples": args.samples,
+        "device": args.device,
+        "search_budget": args.search_budget,
+        "search_seconds": args.search_seconds,
+    }
+    # only the flags given: a search keeps them (pinned) and searches the others
+    given = {"alignment": args.alignment, "solver": args.solver, "residual": args.residual}
+    policy.update({k: v for k, v in {**given, "heads": args.heads}.items() if v is not None})
+    if args.policy is not None:
+        policy["search"] = _policy_value(args.policy)
     document = {
         "models": [str(m) for m in args.models],
-        "anchor": args.anchor,
         "method": args.method,
-        "policy": {
-            "alignment": args.alignment,
-            "solver": args.solver,
-            "residual": args.residual,
-            "filter": args.filter,
-            "qk": args.qk,
-            "heads": args.heads,
-            "rectangular": args.rectangular,
-            "samples": args.samples,
-            "device": args.device,
-        },
-        "regularizer": regularizer,
+        "policy": policy,
         "weights": args.weights,
         "data": {
             "activations": path(args.data),
@@ -399,9 +468,23 @@ def job_spec(args: argparse.Namespace):
         },
         "finetune": finetune,
         "artifacts": {"transport_maps": args.save_transport_maps, "report": args.report},
-        "output": str(args.out),
+        "output": str(args.out) if args.out is not None else None,
     }
+    if args.anchor is not None:
+        document["anchor"] = args.anchor
+    if regularizer is not None:
+        document["regularizer"] = regularizer
     return parse_job(document)
+
+
+def _policy_value(text: str):
+    """auto, fixed, or a JSON list of recipes (refused by the contract when it is not)."""
+    if text.strip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"not a JSON list of recipes: {exc}", "policy.search") from None
+    return text.strip().lower()
 
 
 HUB = {"offline": False}
@@ -447,6 +530,7 @@ def _fuse(args: argparse.Namespace) -> int:
         fusion_spec,
         reg_points,
         regs_argument,
+        search_space,
         validate_job,
     )
     from fusion_core.job import fuse_job
@@ -461,8 +545,13 @@ def _fuse(args: argparse.Namespace) -> int:
         models, names = local_models(spec.models)
     except (StorageError, ValueError) as exc:
         raise InputError(str(exc), "models") from None
+    warning = None if args.quiet else _memory_warning(models, recipe)
+    if warning:
+        print(warning, file=sys.stderr)
+    search = search_space(spec)
     plain = (
-        len(reg_points(spec)) == 1
+        search.mode == "fixed"
+        and len(reg_points(spec)) == 1
         and data.eval is None
         and data.calibration is None
         and spec.finetune is None
@@ -477,6 +566,7 @@ def _fuse(args: argparse.Namespace) -> int:
             progress=show,
             allow_pickle=args.allow_weights_only_pickle,
             names=names,
+            search={"mode": "fixed", "why": search.reason},
         )
         if not args.quiet:
             print(
@@ -489,6 +579,7 @@ def _fuse(args: argparse.Namespace) -> int:
         args.out,
         recipe,
         regs=regs_argument(spec),
+        search=search,
         data=data.activations,
         eval_data=data.eval,
         calib_data=data.calibration,
@@ -512,9 +603,12 @@ def _summary(metrics: dict) -> str:
     lines = []
     sweep = metrics.get("sweep")
     if sweep:
-        chosen = sweep["chosen"]
-        what = "emd" if chosen["solver"] == "emd" else f"sinkhorn reg={chosen['reg']:g}"
-        lines.append(f"chosen on calibration data by {sweep['metric']}: {what}")
+        from fusion_core.job import recipe_label
+
+        lines.append(
+            f"chosen on calibration data by {sweep['metric']} ({len(sweep['points'])} recipes "
+            f"tried): {recipe_label(sweep['chosen'])}"
+        )
     for row in metrics.get("evaluation", []):
         if row.get("skipped"):
             lines.append(f"  {row['name']:<18} skipped ({row['skipped']})")
@@ -524,6 +618,42 @@ def _summary(metrics: dict) -> str:
             )
             lines.append(f"  {row['name']:<18} {values}")
     return "\n".join(lines)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from fusion_core.contract import fusion_spec, search_space, validate_job
+    from fusion_core.plan import local_plan, plan_device
+
+    spec = validate_job(job_spec(args))
+    if any(m.startswith("hf://") for m in spec.models):
+        raise InputError("plan reads local folders; fetch hf:// models first", "models")
+    recipe = fusion_spec(spec, plan_device(spec.policy.device))
+    fusions = search_space(spec).planned(len(spec.models))
+    report = local_plan(spec.models, recipe, spec.data.activations, fusions=fusions)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.summary())
+    return 0 if report.compatible else EXIT_INPUT
+
+
+def _memory_warning(models: list[str], recipe) -> str | None:
+    """A warning when the plan's peak memory is above what this machine has free (a plan
+    that cannot be made is the fusion's to report)."""
+    from fusion_core.plan import available_memory, local_plan
+
+    try:
+        report = local_plan(models, recipe, None)
+    except Exception:
+        return None
+    free = available_memory()
+    est = report.estimate
+    if est is None or free is None or est.host_peak_bytes <= free:
+        return None
+    return (
+        f"otfuse: warning: this fusion needs ~{est.host_peak_bytes / 2**30:.1f} GiB of memory "
+        f"(otfuse plan), {free / 2**30:.1f} GiB are available"
+    )
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -550,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
-    handlers = {"fuse": _fuse, "eval": _eval, "demo": _demo, **SERVICE_HANDLERS}
+    handlers = {"fuse": _fuse, "plan": _plan, "eval": _eval, "demo": _demo, **SERVICE_HANDLERS}
     from fusion_core import FusionError, InputError
 
     try:

@@ -85,6 +85,33 @@ CASES = [
     ("policy.samples", {"policy": {"samples": 0}}, ["--samples", "0"]),
     ("policy.filter", {"policy": {"filter": "window-x"}}, ["--filter", "window-x"]),
     ("policy.device", {"policy": {"device": "tpu"}}, ["--device", "tpu"]),
+    ("policy.search", {"policy": "sometimes"}, ["--policy", "sometimes"]),
+    ("policy.search", {"policy": [{"solver": "lbfgs"}]}, ["--policy", '[{"solver": "lbfgs"}]']),
+    ("policy.search", {"policy": [{"reg": -1}]}, ["--policy", '[{"reg": -1}]']),
+    ("policy.search", {"policy": []}, ["--policy", "[]"]),
+    (
+        "policy.search",
+        {"policy": [{"anchor": 7}], "data": {"calibration": D}},
+        ["--policy", '[{"anchor": 7}]', "--calib-data", D],
+    ),
+    (
+        "policy.search",
+        {"method": "vanilla", "policy": "auto", "data": {"calibration": D}},
+        ["--method", "vanilla", "--policy", "auto", "--calib-data", D],
+    ),
+    ("data.calibration", {"policy": "auto"}, ["--policy", "auto"]),
+    (
+        "data.calibration",
+        {"policy": [{"reg": 0.1}, {"solver": "emd"}]},
+        ["--policy", '[{"reg": 0.1}, {"solver": "emd"}]'],
+    ),
+    (
+        "data.calibration",
+        {"policy": "auto", "data": {"calibration": D, "eval": D}},
+        ["--calib-data", D, "--eval-data", D],
+    ),
+    ("policy.search_budget", {"policy": {"search_budget": 0}}, ["--search-budget", "0"]),
+    ("policy.search_seconds", {"policy": {"search_seconds": -1}}, ["--search-seconds", "-1"]),
 ]
 IDS = [f"{case[0]}-{i}" for i, case in enumerate(CASES)]
 
@@ -165,12 +192,13 @@ def _leaves(model: type, prefix: str = "") -> set[str]:
 
 def test_every_field_of_the_spec_has_a_flag_or_is_the_service_s():
     service_only = {"name", "labels", "finetune.warmup", "finetune.weight_decay", "finetune.seed"}
-    assert _leaves(JobSpec) - service_only == set(FLAGS) - {"finetune"}
+    assert _leaves(JobSpec) - service_only == set(FLAGS) - {"finetune", "policy"}
 
 
-def test_the_api_validates_without_torch(tmp_path):
+def test_the_api_validates_without_torch(tmp_path, parents):
     """The API image has no torch, transformers or numerical libraries: with them made
-    unimportable, the app builds, validates a job, lists jobs and serves its docs."""
+    unimportable, the app builds, validates a job, plans one from its headers, lists jobs
+    and serves its docs."""
     code = f"""
 import importlib.abc, sys
 BLOCKED = {{"torch", "transformers", "safetensors", "scipy", "ot", "numpy", "lap", "sklearn"}}
@@ -188,10 +216,15 @@ class Held(Queue):
     def enqueue(self, job_id):
         pass
 
-settings = Settings(data_dir={str(tmp_path / "svc")!r}, file_roots=[{str(tmp_path)!r}])
+settings = Settings(
+    data_dir={str(tmp_path / "svc")!r}, file_roots=[{str(tmp_path)!r}, {str(parents["root"])!r}]
+)
 with TestClient(create_app(settings, queue=Held())) as client:
     bad = client.post("/fusions", json={{"models": ["file:///a/"], "regularizer": -1}})
     assert bad.status_code == 422, bad.text
+    models = {[f"file://{m}" for m in parents["models"]]!r}
+    plan = client.post("/fusions:plan", json={{"models": models}})
+    assert plan.status_code == 200 and plan.json()["compatible"], plan.text
     assert client.get("/fusions").status_code == 200
     docs = client.get("/docs").text
     assert "/docs/assets/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
@@ -203,3 +236,42 @@ print("ok")
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_policy_defaults_and_pinned_flags(world, tmp_path):
+    """With calibration data and no policy the job searches; without, it runs the fixed
+    recipe; a flag given (or a spec field) pins its axis, the same from the CLI and JSON."""
+    from fusion_core.contract import AUTO_REGS, Point, parse_job, search_space
+    from otfuse.cli import build_parser, job_spec
+
+    def cli(*flags):
+        args = build_parser().parse_args(
+            ["fuse", *map(str, world["models"]), "--out", str(tmp_path / "o"), *flags]
+        )
+        return search_space(job_spec(args))
+
+    calib = ["--calib-data", world["data"]]
+    assert cli().mode == "fixed" and cli().points == (Point("sinkhorn", 0.05),)
+    auto = cli(*calib)
+    assert auto.mode == "auto" and auto.anchors is None
+    assert auto.alignments == ("weights", "activations") and len(auto.points) == 6
+    assert auto.residuals == ("average", "shared", "weighted-scalar")
+    pinned = cli(*calib, "--solver", "emd", "--residual", "shared", "--anchor", "1")
+    assert pinned.points == (Point("emd"),) and pinned.residuals == ("shared",)
+    assert pinned.anchors == (1,) and pinned.heads == ("matched", "cross")
+    assert cli(*calib, "--solver", "sinkhorn").points == tuple(
+        Point("sinkhorn", r) for r in AUTO_REGS
+    )
+    assert cli(*calib, "--reg", "0.01").points == (Point("sinkhorn", 0.01),)
+    assert cli(*calib, "--policy", "fixed").mode == "fixed"
+    listed = cli(*calib, "--policy", '[{"reg": 0.1}, {"solver": "emd", "anchor": 1}]')
+    assert [(r.solver, r.reg, r.anchor) for r in listed.recipes] == [
+        ("sinkhorn", 0.1, 0),
+        ("emd", None, 1),
+    ]
+    # the JSON spec: the same rules
+    models = [f"file://{m}" for m in world["models"]]
+    data = {"calibration": f"file://{world['data']}"}
+    spec = parse_job({"models": models, "policy": {"heads": "cross"}, "data": data})
+    assert search_space(spec).heads == ("cross",) and search_space(spec).mode == "auto"
+    assert search_space(parse_job({"models": models, "policy": "auto", "data": data})).is_search

@@ -41,6 +41,10 @@ def test_cli_job_writes_every_artifact(tmp_path):
             str(calib),
             "--reg",
             "emd,0.05",
+            "--anchor",
+            "0",
+            "--search-budget",
+            "3",
             "--eval-data",
             str(test),
             "--calib-data",
@@ -79,7 +83,14 @@ def test_cli_job_writes_every_artifact(tmp_path):
     kinds = [r["kind"] for r in metrics["evaluation"]]
     assert kinds == ["parent", "parent", *KINDS[1:]]
     assert all(0 <= r["metrics"]["accuracy"] <= 1 for r in metrics["evaluation"])
-    assert [p["solver"] for p in metrics["sweep"]["points"]] == ["emd", "sinkhorn"]
+    # --calib-data makes it a recipe search; the flags given pin their axes
+    points = metrics["sweep"]["points"]
+    assert metrics["sweep"]["mode"] == "auto" and len(points) == 3
+    assert [p["solver"] for p in points] == ["emd", "emd", "sinkhorn"]
+    assert {(p["anchor"], p["alignment"], p["residual"]) for p in points} == {
+        (0, "activations", "shared")
+    }
+    assert {p["heads"] for p in points} == {"matched", "cross"}
     assert [r["model"] for r in metrics["finetune"]["runs"]] == ["fused", "vanilla"]
     assert all(r["steps"] == 3 and r["before"] and r["after"] for r in metrics["finetune"]["runs"])
     assert metrics["artifacts"]["report"] == "report.html"

@@ -40,8 +40,8 @@ from fusion_core.contract import (
     finetune_config,
     fusion_spec,
     parse_job,
-    reg_points,
     regs_argument,
+    search_space,
 )
 from fusion_core.progress import Progress
 
@@ -61,6 +61,7 @@ DEFER_SECONDS = 2.0  # a job whose tenant has all its running slots is delivered
 # fuse_job's stages -> the job record's ("writing" metrics.json and the report is the first
 # part of publishing)
 STAGES = {
+    "search": "aligning",  # the recipe search fuses candidates: the record's aligning stage
     "aligning": "aligning",
     "evaluating": "evaluating",
     "finetuning": "finetuning",
@@ -69,7 +70,7 @@ STAGES = {
 
 
 def stage_spans(points: int, evaluated: bool, finetune_runs: int) -> dict[str, tuple]:
-    """Progress spans in proportion to rough costs: a fusion per sweep point, the models
+    """Progress spans in proportion to rough costs: a fusion per recipe searched, the models
     scored on eval data, a finetune per run (the fused model and each baseline)."""
     weights = {
         "aligning": 1.0 * points,
@@ -373,8 +374,9 @@ class Run:
         finetune = finetune_config(spec, device)
         baselines = tuple(spec.finetune.baselines) if spec.finetune else ()
         self.finetune_names = ["fused", *baselines]
+        search = search_space(spec)
         self.spans = stage_spans(
-            len(reg_points(spec)),
+            search.planned(len(spec.models)),
             spec.data.eval is not None,
             len(self.finetune_names) if finetune else 0,
         )
@@ -387,6 +389,7 @@ class Run:
             out,
             fspec,
             regs=regs_argument(spec),
+            search=search,
             data=files.get("activations"),
             eval_data=files.get("eval"),
             calib_data=files.get("calibration"),

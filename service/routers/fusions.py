@@ -13,14 +13,30 @@ from fastapi.responses import JSONResponse, Response
 
 from adapters.store import DONE, decode_token, encode_token, peek
 from fusion_core.contract import EXAMPLE_SPEC, HEALED_EXAMPLE_SPEC, JobSpec
+from fusion_core.plan import PlanReport
 
 from .. import jobs
 from ..auth import tenant, tenant_of
+from ..direct import DirectRoute
+from ..jobs import check_submit_rate
 from ..models import Job, JobList, Problem, Status
+from ..plan_example import PLAN_EXAMPLE
 from ..problems import ProblemError
 
 router = APIRouter(prefix="/fusions", tags=["fusions"])
 _ID = re.compile(r"^[0-9a-f]{24}$")
+
+
+def _get(path: str, **kwargs):
+    """A GET route served by DirectRoute (see service/direct.py)."""
+
+    def register(endpoint):
+        router.add_api_route(
+            path, endpoint, methods=["GET"], route_class_override=DirectRoute, **kwargs
+        )
+        return endpoint
+
+    return register
 
 
 def _problem_responses(*codes: int) -> dict:
@@ -125,7 +141,14 @@ HEALED = _example_job(
         "metrics_uri": OUT + "metrics.json",
         "report_uri": OUT + "report.html",
         "transport_maps_uri": OUT + "transport_maps.safetensors",
-        "chosen": {"solver": "sinkhorn", "reg": 0.055},
+        "chosen": {
+            "anchor": 1,
+            "alignment": "activations",
+            "residual": "shared",
+            "heads": "cross",
+            "solver": "sinkhorn",
+            "reg": 0.023,
+        },
         "metrics": {
             "schema_version": 1,
             "task": "classification",
@@ -143,15 +166,31 @@ HEALED = _example_job(
             "sweep": {
                 "selected_on": "s3://models/digits/calib.safetensors",
                 "metric": "accuracy",
-                "chosen": {"solver": "sinkhorn", "reg": 0.055},
+                "chosen": {
+                    "anchor": 1,
+                    "alignment": "activations",
+                    "residual": "shared",
+                    "heads": "cross",
+                    "solver": "sinkhorn",
+                    "reg": 0.023,
+                },
+                "mode": "auto",
+                "reason": "best calibration accuracy (0.9400) among 32 recipes tried (stopped "
+                "by the points budget); runner-up: anchor 1, activations, shared, cross heads, "
+                "emd (0.9300)",
                 "points": [
                     {
+                        "anchor": 1,
+                        "alignment": "activations",
+                        "residual": "shared",
+                        "heads": "cross",
                         "solver": "sinkhorn",
-                        "reg": 0.055,
+                        "reg": 0.023,
                         "calib": {"accuracy": 0.94, "loss": 0.22, "examples": 360},
-                        "eval": {"accuracy": 0.93, "loss": 0.25, "examples": 360},
+                        "eval": None,
                         "seconds": 0.41,
                         "chosen": True,
+                        "phase": "refine",
                     }
                 ],
             },
@@ -196,7 +235,7 @@ async def _owned(request: Request, job_id: str, who: str) -> tuple[bytes, dict]:
     return raw, job
 
 
-@router.get(
+@_get(
     "/{job_id}",
     operation_id="get_job",
     summary="A job: status, stage, progress, result",
@@ -302,6 +341,28 @@ async def submit(
         idempotency_key,
     )
     return JSONResponse(job, status_code=202, headers={"Location": f"/fusions/{job['id']}"})
+
+
+@router.post(
+    ":plan",
+    operation_id="plan_job",
+    summary="Plan a fusion job without running it",
+    description="The body of POST /fusions. From the models' config.json and safetensors "
+    "headers only (no tensor is read, no job is created): whether the models can be fused, "
+    "the fused config and shapes, the transport-map graph, and the estimated peak memory and "
+    "time on the worker's device. 422 where POST /fusions would refuse the job, or when the "
+    "models cannot be fused or their estimate does not fit the worker's memory.",
+    response_model=PlanReport,
+    responses={
+        200: {"content": {"application/json": {"example": PLAN_EXAMPLE}}},
+        **_problem_responses(401, 413, 422, 429),
+    },
+)
+async def plan_job(request: Request, spec: JobSpec, who: Annotated[str, Depends(tenant)]):
+    state = request.app.state
+    await run_in_threadpool(check_submit_rate, who, state.settings, state.store)
+    report = await run_in_threadpool(jobs.plan, spec, who, state.settings, state.storage)
+    return JSONResponse(report)
 
 
 @router.get(

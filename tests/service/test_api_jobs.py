@@ -58,6 +58,7 @@ def test_sweep_reports_the_chosen_point_and_publishes_only_it(tmp_path, parents,
     body = spec(
         parents,
         regularizer=[0.02, 0.3, "emd"],
+        policy="fixed",  # the regularizer sweep: the recipe search over solver points only
         data={"calibration": datasets["calibration"], "eval": datasets["eval"]},
         artifacts={"report": True, "transport_maps": True},
         output=f"file://{out}",
@@ -74,15 +75,22 @@ def test_sweep_reports_the_chosen_point_and_publishes_only_it(tmp_path, parents,
 
     sweep = metrics["sweep"]
     points = sweep["points"]
-    assert [(p["solver"], p["reg"]) for p in points] == [
+    assert [(p["solver"], p["reg"]) for p in points] == [  # EMD first: the cheapest
+        ("emd", None),
         ("sinkhorn", 0.02),
         ("sinkhorn", 0.3),
-        ("emd", None),
     ]
     assert sum(p["chosen"] for p in points) == 1
     best = max(points, key=lambda p: calibration_key(p["calib"]))  # first best wins ties
     assert best["chosen"] and result["chosen"] == sweep["chosen"]
-    assert result["chosen"] == {"solver": best["solver"], "reg": best["reg"]}
+    assert result["chosen"] == {
+        "anchor": 0,
+        "alignment": "weights",
+        "residual": "average",
+        "heads": "matched",
+        "solver": best["solver"],
+        "reg": best["reg"],
+    }
     assert sweep["selected_on"] == datasets["calibration"]
     assert metrics["spec"]["solver"] == best["solver"]
     assert best["reg"] is None or metrics["spec"]["reg"] == best["reg"]
@@ -255,7 +263,5 @@ def test_sweep_without_eval_reports_no_baselines(tmp_path, parents, datasets):
     metrics = job["result"]["metrics"]
     assert metrics["sweep"]["selected_on"] == datasets["calibration"]
     assert metrics["evaluation"] == [] and "fused" not in metrics
-    assert job["result"]["chosen"] in (
-        {"solver": "sinkhorn", "reg": 0.05},
-        {"solver": "emd", "reg": None},
-    )
+    chosen = job["result"]["chosen"]
+    assert (chosen["solver"], chosen["reg"]) in (("sinkhorn", 0.05), ("emd", None))
