@@ -13,7 +13,9 @@ cached in --workdir) three starting points are healed with the same budget (--st
 - best parent: the parent with the higher calibration accuracy;
 each with plain finetuning (labels) and with distillation from the pair's ensemble
 (loss = (1 - a) CE + a T^2 KL(teacher_T || model_T)), for every finetune seed. Prints test
-accuracy mean ± std over pairs x finetune seeds, and per pair. With --curve, the 5-model
+accuracy mean ± std over pairs x finetune seeds. With --hetero, the narrow ViT (hidden 48,
+seed 5) fused with hidden-64 partners (rms, activations, shared stream, Sinkhorn 0.1 or 0.3
+on calibration) is healed against the narrow anchor healed the same way. With --curve, the 5-model
 fusion (seeds 0-4) is healed at growing budgets with both modes (finetune seed 0).
 Results accumulate in --workdir/healing-results.json (finished runs are not redone).
 Figures are recorded in docs/benchmarks.md and docs/evaluation.md.
@@ -37,6 +39,9 @@ from otfuse.digits import load_digits_splits, save_model, save_split, train_vit
 transformers.utils.logging.disable_progress_bar()
 RECIPE = FusionSpec(alignment="activations", solver="emd", residual="shared", samples=180)
 STARTS = ("fused", "vanilla", "best parent")
+HETERO_RECIPE = FusionSpec(
+    alignment="activations", solver="sinkhorn", residual="shared", rectangular="rms", samples=180
+)
 MODES = ("plain", "distill")
 
 
@@ -107,6 +112,33 @@ class Healing:
         self.save()
         return entry["starts"]
 
+    def hetero_starts(self, key: str, parents: list[Path]) -> dict:
+        """48 <- 64: the fusion into the narrow anchor (rms, activations, shared stream,
+        Sinkhorn 0.1 or 0.3 chosen on calibration) and the anchor itself."""
+        entry = self.results.setdefault(key, {})
+        if "starts" in entry and all(Path(p).is_dir() for p in entry["starts"]["folders"].values()):
+            return entry["starts"]
+        calib = {}
+        for reg in (0.1, 0.3):
+            out = self.workdir / f"heal-{key}-fused-{reg:g}"
+            shutil.rmtree(out, ignore_errors=True)
+            spec = FusionSpec(**{**HETERO_RECIPE.to_dict(), "reg": reg})
+            fuse(parents, out, spec, data=self.split("calib"))
+            calib[reg] = evaluate(out, self.split("calib"))["accuracy"]
+        chosen = max(calib, key=calib.get)
+        folders = {"fused": str(self.workdir / f"heal-{key}-fused-{chosen:g}")}
+        folders["anchor"] = str(parents[0])
+        entry["starts"] = {
+            "folders": folders,
+            "reg": chosen,
+            "parents_test": [evaluate(p, self.split("test"))["accuracy"] for p in parents],
+            "one_shot_test": {
+                n: evaluate(f, self.split("test"))["accuracy"] for n, f in folders.items()
+            },
+        }
+        self.save()
+        return entry["starts"]
+
     def heal(self, key: str, parents: list[Path], start: str, mode: str, seed: int, steps: int):
         runs = self.results.setdefault(key, {}).setdefault("runs", {})
         name = f"{start}|{mode}|{seed}|{steps}"
@@ -146,12 +178,15 @@ def mean_std(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-digits"))
-    parser.add_argument("--pairs", default="0-1,2-3,4-5")
+    parser.add_argument("--pairs", default="0-1,2-3,4-5", help="empty: none")
     parser.add_argument("--ft-seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--distill", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--curve", default="", help="5 models: budgets, e.g. 50,100,200,400")
+    parser.add_argument(
+        "--hetero", default="", help="48 <- 64: seeds of the hidden-64 partners, e.g. 0,1,2"
+    )
     parser.add_argument("--starts", default=",".join(STARTS), help="of: " + ", ".join(STARTS))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -176,13 +211,44 @@ def main() -> None:
         best_parent.append(max(starts["parents_test"]))
         for name, value in starts["one_shot_test"].items():
             one_shot.setdefault(name, []).append(value)
-    print(f"\n### Healing, {args.steps} steps (test accuracy, mean ± std over pairs x seeds)\n")
-    print(f"Best parent (test, per pair): {mean_std(best_parent)}\n")
-    print("| start | one-shot | + plain finetune | + distillation |")
-    print("|---|---|---|---|")
-    for start in STARTS:
-        cells = [mean_std(table.get((start, mode), [])) for mode in MODES]
-        print(f"| {start} | {mean_std(one_shot.get(start, []))} | " + " | ".join(cells) + " |")
+    if pairs:
+        print(f"\n### Healing, {args.steps} steps (test accuracy, mean ± std over pairs x seeds)\n")
+        print(f"Best parent (test, per pair): {mean_std(best_parent)}\n")
+        print("| start | one-shot | + plain finetune | + distillation |")
+        print("|---|---|---|---|")
+        for start in STARTS:
+            cells = [mean_std(table.get((start, mode), [])) for mode in MODES]
+            shot = mean_std(one_shot.get(start, []))
+            print(f"| {start} | {shot} | " + " | ".join(cells) + " |")
+    hetero = [int(w) for w in args.hetero.split(",") if w.strip()]
+    if hetero:
+        narrow = bench.workdir / "narrow"
+        if not (narrow / "model.safetensors").is_file():
+            save_model(train_vit(5, bench.splits, epochs=40, hidden=48), narrow)
+        cells: dict[tuple[str, str], list[float]] = {}
+        shots: dict[str, list[float]] = {}
+        for seed in seeds:
+            for wide in hetero:
+                key = f"48 <- 64 seed{wide}"
+                parents = [narrow, bench.parent(wide)]
+                starts = bench.hetero_starts(key, parents)
+                for start in ("fused", "anchor"):
+                    for mode in MODES:
+                        run = bench.heal(key, parents, start, mode, seed, args.steps)
+                        cells.setdefault((start, mode), []).append(run["accuracy"])
+        for wide in hetero:
+            for name, value in bench.results[f"48 <- 64 seed{wide}"]["starts"][
+                "one_shot_test"
+            ].items():
+                shots.setdefault(name, []).append(value)
+        print(
+            f"\n### 48 <- 64, {args.steps} steps (the narrow anchor and hidden-64 seeds {hetero})\n"
+        )
+        print("| start | one-shot | + plain finetune | + distillation |")
+        print("|---|---|---|---|")
+        for start in ("fused", "anchor"):
+            cells_ = [mean_std(cells.get((start, mode), [])) for mode in MODES]
+            print(f"| {start} | {mean_std(shots[start])} | " + " | ".join(cells_) + " |")
     budgets = [int(b) for b in args.curve.split(",") if b.strip()]
     if budgets:
         key = "5 models"
