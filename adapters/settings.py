@@ -89,6 +89,18 @@ class Settings(BaseSettings):
     max_queued_per_tenant: int = Field(100, ge=1, description="a tenant's jobs waiting")
     submit_rate: float = Field(10.0, gt=0, description="a tenant's sustained submits per second")
     submit_burst: int = Field(20, ge=1, description="submits a tenant may make at once")
+    worker_memory_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="memory a worker has: jobs whose planned peak is above it are refused at "
+        "submit (unset: not checked; embedded: this machine's memory)",
+    )
+    worker_gpu_memory_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="GPU memory a worker has (and auto = cuda when set): cuda jobs whose "
+        "planned peak is above it are refused at submit (unset: not checked)",
+    )
     allow_pickle: bool = Field(False, description="read legacy .bin with weights_only loading")
     device: str = Field("auto", description="auto = cuda when the worker has one, else cpu")
     embedded_workers: int = Field(1, ge=1, description="embedded: worker threads")

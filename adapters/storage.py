@@ -145,6 +145,15 @@ class LocalBackend:
     def fetch_file(self, uri: str, file: StoredFile, dest: Path, should_stop: ShouldStop):
         return Path(file.location)  # read in place: resolved and checked by stat_file
 
+    def read_range(self, uri: str, file: StoredFile, start: int, length: int) -> bytes:
+        """Bytes of a listed (resolved, checked) file: a header, never a whole checkpoint."""
+        try:
+            with open(file.location, "rb") as handle:
+                handle.seek(start)
+                return handle.read(length)
+        except OSError as exc:
+            raise StorageError(f"{uri}: {exc.strerror or exc}") from exc
+
     def exists(self, uri: str, folder: bool) -> bool:
         path = Path(parse_uri(uri)[2])
         return (path / CONFIG_FILE).is_file() if folder else path.is_file()
@@ -313,6 +322,19 @@ class S3Backend:
         except Exception as exc:
             if should_stop():
                 raise TransferCancelled(uri) from exc
+            raise self._error(uri, exc) from exc
+
+    def read_range(self, uri: str, file: StoredFile, start: int, length: int) -> bytes:
+        """One ranged GET of a listed object (a safetensors header, a config)."""
+        if length <= 0:
+            return b""
+        _, bucket, _ = parse_uri(uri)
+        try:
+            reply = self._probe.get_object(
+                Bucket=bucket, Key=file.location, Range=f"bytes={start}-{start + length - 1}"
+            )
+            return reply["Body"].read(length)
+        except Exception as exc:
             raise self._error(uri, exc) from exc
 
     def exists(self, uri: str, folder: bool) -> bool:

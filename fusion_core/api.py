@@ -24,7 +24,7 @@ from .modelcard import model_card
 from .models import ParentModel, check_compatible, open_parent
 from .progress import Progress
 from .spec import FusionSpec
-from .writer import check_output_dir, write_checkpoint
+from .writer import CheckpointWriter, check_output_dir, write_checkpoint
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -120,9 +120,10 @@ def fuse(
     out = Path(out)
     check_output_dir(out)
     prepared = prepare(model_dirs, spec, data, progress, allow_pickle, limits, should_cancel, names)
-    fused = fuse_tensors(prepared, prepared.spec, progress, should_cancel)
     search = search or {"mode": "fixed", "why": "the recipe as given"}
-    return write_fused(prepared, fused, out, metrics, search=search)
+    return fuse_prepared(
+        prepared, out, prepared.spec, progress, should_cancel, metrics, search=search
+    )
 
 
 def prepare(
@@ -201,25 +202,45 @@ def fuse_prepared(
     should_cancel: Callable[[], bool] | None = None,
     metrics: dict | None = None,
     keep_plans: bool = False,
+    search: dict | None = None,
 ) -> FusionReport:
-    """Fuse prepared parents with `spec` (default: the prepared one) and write `out`. It
-    may differ from the prepared spec in what activations do not depend on: method, solver,
-    reg, qk, heads, weights (and alignment, residual, anchor when the activations hold every
-    tap); anything else raises InputError."""
+    """Fuse prepared parents with `spec` (default: the prepared one) and write `out`,
+    streaming: each fused layer goes to disk as soon as it is produced (Hugging Face shards
+    of at most `spec.max_shard_size` bytes), so no whole model is held. `spec` may differ
+    from the prepared spec in what activations do not depend on: method, solver, reg, qk,
+    heads, weights (and alignment, residual, anchor when the activations hold every tap);
+    anything else raises InputError."""
     out = Path(out)
     check_output_dir(out)
-    fused = fuse_tensors(prepared, spec, progress, should_cancel)
-    return write_fused(prepared, fused, out, metrics, keep_plans)
-
-
-def fuse_tensors(
-    prepared: Prepared,
-    spec: FusionSpec | None = None,
-    progress: ProgressCallback | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-) -> Fused:
-    """Fuse prepared parents with `spec` into tensors held in memory (nothing written)."""
     started = time.perf_counter()
+    engine, spec, prepared = _engine(prepared, spec, progress, should_cancel, keep_plans)
+    anchor = prepared.parents[spec.anchor]
+    buffers = [
+        name
+        for name in anchor.family.buffer_names(anchor.config_value("layers"))
+        if anchor.has(name)
+    ]
+    names = engine.output_names() + buffers
+    with CheckpointWriter(out, anchor, names, spec.max_shard_size) as writer:
+        result = engine.run(writer.write)
+        for name in buffers:  # not fused: the anchor's own
+            writer.write(name, anchor.tensor(name))
+        seconds = time.perf_counter() - started + prepared.seconds
+        record = fusion_record(prepared, anchor, spec, seconds, result, metrics, search)
+        writer.publish(record, model_card(record))
+    maps = result.kept_plans if keep_plans else None
+    models = [str(p.path) for p in prepared.parents]
+    return FusionReport(out, spec, models, seconds, result.plans, maps)
+
+
+def _engine(
+    prepared: Prepared,
+    spec: FusionSpec | None,
+    progress: ProgressCallback | None,
+    should_cancel: Callable[[], bool] | None,
+    keep_plans: bool,
+) -> tuple[Engine, FusionSpec, Prepared]:
+    """The engine for `spec` over prepared parents (around its anchor), checked."""
     spec = (spec or prepared.spec).validate(len(prepared.parents))
     if spec.anchor != prepared.spec.anchor:
         prepared = prepared.with_anchor(spec.anchor)
@@ -238,7 +259,23 @@ def fuse_tensors(
         prepared.activations,
         progress or (lambda _p: None),
         should_cancel,
+        keep_plans=keep_plans,
     )
+    return engine, spec, prepared
+
+
+def fuse_tensors(
+    prepared: Prepared,
+    spec: FusionSpec | None = None,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    keep_plans: bool = True,
+) -> Fused:
+    """Fuse prepared parents with `spec` into tensors held in memory (nothing written; a
+    search scores its candidates so). The plans are kept (on CPU) for `write_fused`'s
+    transport maps unless `keep_plans` is False."""
+    started = time.perf_counter()
+    engine, spec, _ = _engine(prepared, spec, progress, should_cancel, keep_plans)
     result = engine.run()
     return Fused(spec, result, engine, time.perf_counter() - started)
 
@@ -259,8 +296,9 @@ def write_fused(
     anchor = parents[spec.anchor]
     seconds = fused.seconds + prepared.seconds
     record = fusion_record(prepared, anchor, spec, seconds, fused.result, metrics, search)
-    write_checkpoint(out, anchor, fused.result.tensors, record, model_card(record))
-    maps = _record_plans(fused.engine) if keep_plans else None
+    card = model_card(record)
+    write_checkpoint(out, anchor, fused.result.tensors, record, card, spec.max_shard_size)
+    maps = fused.result.kept_plans if keep_plans else None
     plans = fused.result.plans
     return FusionReport(out, spec, [str(p.path) for p in parents], seconds, plans, maps)
 
@@ -268,18 +306,6 @@ def write_fused(
 def _activation_key(spec: FusionSpec, every_tap: bool = False) -> tuple:
     what = () if every_tap else (spec.alignment, spec.residual)
     return (*what, spec.filter, spec.samples, spec.max_tokens, spec.device)
-
-
-def _record_plans(engine: Engine) -> dict[str, torch.Tensor]:
-    """The plan behind each diagnostics record, keyed "model<i>/<record space>"."""
-    maps = {}
-    stream = sorted(engine.stream)
-    for record in engine.records:
-        space = stream[0] if record.space == "stream" else record.space.split("+")[0]
-        plan = engine.plans[record.model].get(space)
-        if plan is not None:
-            maps[f"model{record.model}/{record.space}"] = plan.detach().float().cpu()
-    return maps
 
 
 def _activations(
@@ -338,7 +364,8 @@ def fusion_record(
     prepared: Prepared, anchor, spec, seconds, result: EngineResult, metrics, search=None
 ):
     """The machine-readable recipe written as fusion.json (`search`: how it was chosen)."""
-    import ot
+    from importlib.metadata import version  # not `import ot`: ~1 s of CPU for a version
+
     import safetensors
     import transformers
 
@@ -377,7 +404,7 @@ def fusion_record(
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "pot": ot.__version__,
+            "pot": version("pot"),
             "safetensors": safetensors.__version__,
         },
     }

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from .errors import IncompatibleModelsError, InputError
 from .families import Attention, Family, Layer, Node, Param, canonical_name
 
+STREAM_REFINEMENTS = 2  # weights-based shared stream: re-solve it after the inner plans
+
 
 class ModelRoles:
     """Config roles and tensor presence of a model. Needs `index`, `label`, `family`,
@@ -31,6 +33,10 @@ class ModelRoles:
         raise NotImplementedError
 
     def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def parameter_count(self) -> int:
         raise NotImplementedError
 
     def config_value(self, role: str) -> int:

@@ -13,18 +13,57 @@ def neuron_rows(tensors: list[torch.Tensor], axes: list[int]) -> list[torch.Tens
     ]
 
 
-def block_cost(model_blocks: list[torch.Tensor], anchor_blocks: list[torch.Tensor]) -> torch.Tensor:
-    """`pairwise_cost` of the concatenated rows, accumulated block by block without building
-    them: squared norms and one Gram matrix (in place), combined once at the end."""
-    gram = None
-    model_sq, anchor_sq = 0.0, 0.0
-    for x, y in zip(model_blocks, anchor_blocks, strict=True):
+class GramCost:
+    """`pairwise_cost` of feature rows concatenated over blocks, accumulated block by block
+    without building them: squared norms and one Gram matrix (in place), combined once at
+    the end. Blocks may come one tensor at a time, or in slices of a tensor's rows."""
+
+    def __init__(self, model_gram: bool = False) -> None:
+        self.gram: torch.Tensor | None = None
+        self.model_sq: torch.Tensor | float = 0.0
+        self.anchor_sq: torch.Tensor | float = 0.0
+        # The model neurons' own Gram matrix, when asked: what the RMS convention of
+        # rectangular maps needs (the norm of averaged neurons) once the rows are gone.
+        self.track_model = model_gram
+        self.model_gram: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.float(), y.float()
-        model_sq = model_sq + x.pow(2).sum(-1)
-        anchor_sq = anchor_sq + y.pow(2).sum(-1)
-        gram = x @ y.T if gram is None else gram.addmm_(x, y.T)
-    squared = gram.mul_(-2).add_(model_sq[:, None]).add_(anchor_sq[None, :])
-    return normalized(squared.clamp_min_(0).sqrt_())
+        self.model_sq = self.model_sq + x.pow(2).sum(-1)
+        self.anchor_sq = self.anchor_sq + y.pow(2).sum(-1)
+        self.gram = x @ y.T if self.gram is None else self.gram.addmm_(x, y.T)
+        if self.track_model:
+            own = self.model_gram
+            self.model_gram = x @ x.T if own is None else own.addmm_(x, x.T)
+
+    def add_scaled(self, part: GramCost) -> None:
+        """Another accumulation, its model and anchor features each scaled to unit norm."""
+        if part.gram is None:
+            return
+        sx = float(torch.as_tensor(part.model_sq).sum().sqrt().clamp_min(1e-12))
+        sy = float(torch.as_tensor(part.anchor_sq).sum().sqrt().clamp_min(1e-12))
+        self.model_sq = self.model_sq + part.model_sq / sx**2
+        self.anchor_sq = self.anchor_sq + part.anchor_sq / sy**2
+        gram = part.gram.div_(sx * sy)
+        self.gram = gram if self.gram is None else self.gram.add_(gram)
+        if part.model_gram is not None:
+            own = part.model_gram.div_(sx**2)
+            self.model_gram = own if self.model_gram is None else self.model_gram.add_(own)
+
+    def cost(self) -> torch.Tensor:
+        if self.gram is None:
+            raise ValueError("no features to compare")
+        squared = self.gram.mul_(-2).add_(self.model_sq[:, None]).add_(self.anchor_sq[None, :])
+        self.gram = None
+        return normalized(squared.clamp_min_(0).sqrt_())
+
+
+def block_cost(model_blocks: list[torch.Tensor], anchor_blocks: list[torch.Tensor]) -> torch.Tensor:
+    """`pairwise_cost` of the concatenated rows (see `GramCost`)."""
+    accumulated = GramCost()
+    for x, y in zip(model_blocks, anchor_blocks, strict=True):
+        accumulated.add(x, y)
+    return accumulated.cost()
 
 
 def pairwise_cost(model_features: torch.Tensor, anchor_features: torch.Tensor) -> torch.Tensor:

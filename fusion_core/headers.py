@@ -53,6 +53,7 @@ DTYPE_BYTES = {
 class Entry:
     dtype: str  # safetensors' name: "BF16", "F32", ...
     shape: tuple[int, ...]
+    offsets: tuple[int, int] = (0, 0)  # [start, end) in the data after the header
 
     @property
     def numel(self) -> int:
@@ -115,7 +116,7 @@ def _entry(where: str, key: str, info, data_size: int) -> Entry:
         raise InputError(f"{where}: truncated: tensor {key!r} ends past the end of the file")
     if math.prod(shape) * DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
         raise corrupt(f"shape {shape} of {dtype} does not fill offsets {offsets}")
-    return Entry(dtype, tuple(shape))
+    return Entry(dtype, tuple(shape), (offsets[0], offsets[1]))
 
 
 def parse_json(where: str, raw: bytes) -> dict:

@@ -14,13 +14,14 @@ import resource
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-import transformers
+from typing import TYPE_CHECKING
 
 from .errors import InputError
 from .families import canonical_name
-from .models import ParentModel
+
+if TYPE_CHECKING:  # torch and transformers load only for the config-vs-tensors check
+    from .compat import ModelRoles
+    from .models import ParentModel
 
 # config.json keys that size a model, across the supported families' naming schemes.
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers")
@@ -60,7 +61,13 @@ class Limits:
 
     def check(self, parent: ParentModel) -> None:
         """Sizes under the maxima, then the config against the tensors."""
-        config = parent.checkpoint.config
+        self.check_sizes(parent)
+        check_config_matches_tensors(parent)
+
+    def check_sizes(self, parent: ModelRoles) -> None:
+        """The config's sizes and the parameter count under the maxima (no torch: the
+        planner checks headers with it)."""
+        config = parent.config
         bound = {key: self.max_layers for key in LAYER_KEYS}
         bound |= dict.fromkeys(WIDTH_KEYS, self.max_width)
         bound |= dict.fromkeys(COUNT_KEYS, self.max_vocab)
@@ -70,13 +77,12 @@ class Limits:
             if value is None and key not in required:
                 continue  # a documented "unset" (GPT-2's n_inner, Llama's head_dim)
             _bounded(parent, key, value, bound.get(key, self.max_width))
-        count = parent.checkpoint.parameter_count
+        count = parent.parameter_count
         if count > self.max_parameters:
             raise InputError(
                 f"{parent.label}: {count:,} parameters, above this server's limit of "
                 f"{self.max_parameters:,}"
             )
-        check_config_matches_tensors(parent)
 
 
 @contextmanager
@@ -101,7 +107,7 @@ def address_space_cap(headroom: int = 2 << 30):
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def _bounded(parent: ParentModel, key: str, value, maximum: int) -> None:
+def _bounded(parent: ModelRoles, key: str, value, maximum: int) -> None:
     if type(value) is not int or not 0 < value <= maximum:
         raise InputError(
             f"{parent.label}: config.json {key}={value!r} must be an integer from 1 to {maximum}"
@@ -110,6 +116,9 @@ def _bounded(parent: ParentModel, key: str, value, maximum: int) -> None:
 
 def check_config_matches_tensors(parent: ParentModel) -> None:
     """Every tensor in the files has the shape the config implies for it."""
+    import torch
+    import transformers
+
     model_class = getattr(transformers, parent.architecture)
     try:
         # Meta tensors allocate nothing, but a config can still make transformers build big

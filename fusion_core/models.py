@@ -38,6 +38,10 @@ class ParentModel(ModelRoles):
     def shape(self, name: str) -> tuple[int, ...]:
         return self.checkpoint.shape(self.keys[name])
 
+    @property
+    def parameter_count(self) -> int:
+        return self.checkpoint.parameter_count
+
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.keys:
             raise InputError(f"{self.label}: missing tensor {name!r}")

@@ -22,6 +22,9 @@ class Progress:
     point: int | None = None  # the search's recipe (0-based) it belongs to
     points: int | None = None  # recipes the search plans (its budget or fewer)
     run: str | None = None  # the finetune run ("fused", "vanilla")
+    # the fused checkpoint's bytes written so far and in all (fusion streams it to disk)
+    bytes_written: int | None = None
+    bytes_total: int | None = None
 
     @property
     def fraction(self) -> float:

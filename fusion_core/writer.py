@@ -1,19 +1,50 @@
-"""Write a fused checkpoint folder atomically: a reader never sees half a checkpoint."""
+"""Write a fused checkpoint folder atomically, tensor by tensor: a reader never sees half a
+checkpoint, and the writer never holds more than the rows it is given.
+
+Every output tensor's name, dtype and shape are the anchor's, known from its headers before
+anything is fused. So the shard files are laid out up front the way Hugging Face shards
+(`model-00001-of-0000N.safetensors` in tensor order, a new shard when the next tensor would
+pass `max_shard_size`, one `model.safetensors` when all fit one shard, and
+`model.safetensors.index.json` otherwise): each file gets its final header and size at once,
+and every tensor, or block of its rows, is written in place at its offset when it is
+produced. The folder is a temporary sibling of the output, renamed to it when complete.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from .checkpoint import SAFETENSORS_DTYPES
 from .errors import InputError
-from .files import SAFETENSORS_FILE, SIDE_FILES
+from .files import SAFETENSORS_FILE, SAFETENSORS_INDEX, SIDE_FILES
 from .models import ParentModel
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # Hugging Face's default "5GB"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a size such as "5GB", "500MB" or "2GiB" (Hugging Face's units)."""
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", value.upper())
+        if not match:
+            raise InputError(f"not a size: {value!r} (e.g. 5GB, 500MB, 2GiB)")
+        size = int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+    if size < 1:
+        raise InputError(f"a shard size must be positive, not {value!r}")
+    return size
 
 
 def check_output_dir(out: Path) -> None:
@@ -33,43 +64,175 @@ def serialized_key(anchor: ParentModel, name: str) -> str:
     return key
 
 
+@dataclass
+class _Slot:
+    """One output tensor's place: its shard file and absolute byte range there."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    shard: int
+    start: int
+    nbytes: int
+    written: int = 0
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SAFETENSORS_FILE]
+    return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+
+
+class CheckpointWriter:
+    """A fused checkpoint folder in the making: `write` tensors (whole, or blocks of rows in
+    any order) under canonical names, then `publish`; leaving it unpublished (an exception
+    in a `with` block, or `abort`) removes everything written."""
+
+    def __init__(
+        self,
+        out: Path,
+        anchor: ParentModel,
+        names: list[str],
+        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    ) -> None:
+        out = Path(out)
+        check_output_dir(out)
+        self.out, self.anchor = out, anchor
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        self.slots: dict[str, _Slot] = {}  # canonical name -> its place
+        self.bytes_written = 0
+        try:
+            self._layout(names, max_shard_size)
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(slot.nbytes for slot in self.slots.values())
+
+    def _layout(self, names: list[str], max_shard_size: int) -> None:
+        checkpoint = self.anchor.checkpoint
+        shards: list[list[_Slot]] = [[]]
+        size = 0
+        for name in dict.fromkeys(names):
+            key = self.anchor.keys[name]
+            dtype, shape = checkpoint.dtype(key), checkpoint.shape(key)
+            nbytes = math.prod(shape) * dtype.itemsize
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append([])
+                size = 0
+            key = serialized_key(self.anchor, name)
+            slot = _Slot(key, dtype, shape, len(shards) - 1, 0, nbytes)
+            shards[-1].append(slot)
+            self.slots[name] = slot
+            size += nbytes
+        self.files = [self.tmp / name for name in shard_names(len(shards))]
+        self._fds: list[int] = []
+        for file, slots in zip(self.files, shards, strict=True):
+            header: dict = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            # wider elements first, as safetensors orders them: every tensor stays aligned
+            for slot in sorted(slots, key=lambda s: -s.dtype.itemsize):
+                header[slot.key] = {
+                    "dtype": SAFETENSORS_DTYPES[slot.dtype],
+                    "shape": list(slot.shape),
+                    "data_offsets": [offset, offset + slot.nbytes],
+                }
+                slot.start = offset
+                offset += slot.nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+            fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fds.append(fd)
+            os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+            os.ftruncate(fd, 8 + len(raw) + offset)
+            for slot in slots:
+                slot.start += 8 + len(raw)
+
+    def write(self, name: str, tensor: torch.Tensor, row: int = 0) -> int:
+        """Write `tensor` as rows row.. of output tensor `name` (all of it when it has the
+        full shape); returns the bytes written."""
+        slot = self.slots[name]
+        tensor = tensor.detach().to("cpu", slot.dtype).contiguous()
+        if tuple(tensor.shape[1:]) != slot.shape[1:] or (not slot.shape and tensor.dim() != 0):
+            raise ValueError(f"{name}: rows of shape {tuple(tensor.shape)} for {slot.shape}")
+        row_bytes = slot.nbytes // slot.shape[0] if slot.shape and slot.shape[0] else 0
+        data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        if row * row_bytes + len(data) > slot.nbytes:
+            raise ValueError(f"{name}: rows {row}+{len(tensor)} past {slot.shape}")
+        fd, offset, done = self._fds[slot.shard], slot.start + row * row_bytes, 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+        slot.written += len(data)
+        self.bytes_written += len(data)
+        return len(data)
+
+    def publish(self, fusion_record: dict, model_card: str) -> list[str]:
+        """Check every tensor was written in full, add the index, config, side files, the
+        recipe and the card, and move the folder to `out`. Returns the weight files."""
+        try:
+            missing = [s.key for s in self.slots.values() if s.written != s.nbytes]
+            if missing:
+                raise RuntimeError(f"fused checkpoint incomplete: {missing[:3]} not written")
+            self._close()
+            names = [f.name for f in self.files]
+            if len(self.files) > 1:
+                index = {
+                    "metadata": {"total_size": self.total_bytes},
+                    "weight_map": {s.key: names[s.shard] for s in self.slots.values()},
+                }
+                (self.tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            config = json.dumps(self.anchor.checkpoint.config, indent=2) + "\n"
+            (self.tmp / "config.json").write_text(config)
+            for name in SIDE_FILES:
+                if (self.anchor.path / name).is_file():
+                    shutil.copy2(self.anchor.path / name, self.tmp / name)
+            (self.tmp / "fusion.json").write_text(json.dumps(fusion_record, indent=2) + "\n")
+            (self.tmp / "README.md").write_text(model_card)
+            if self.out.exists():
+                self.out.rmdir()  # empty, checked at the start
+            os.replace(self.tmp, self.out)
+            return names
+        except BaseException:
+            self.abort()
+            raise
+
+    def _close(self) -> None:
+        for fd in getattr(self, "_fds", []):
+            os.close(fd)
+        self._fds = []
+
+    def abort(self) -> None:
+        self._close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            self.abort()
+
+
 def write_checkpoint(
     out: Path,
     anchor: ParentModel,
     tensors: dict[str, torch.Tensor],
     fusion_record: dict,
     model_card: str,
-) -> None:
-    """Fused tensors (canonical names) + the anchor's buffers, config and side files."""
-    check_output_dir(out)
-    state = {serialized_key(anchor, name): t.contiguous() for name, t in tensors.items()}
-    for name in anchor.family.buffer_names(anchor.config_value("layers")):
-        if anchor.has(name):
-            state[serialized_key(anchor, name)] = anchor.tensor(name).contiguous()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        _dedupe_shared(state)
-        save_file(state, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(anchor.checkpoint.config, indent=2) + "\n")
-        for name in SIDE_FILES:
-            if (anchor.path / name).is_file():
-                shutil.copy2(anchor.path / name, tmp / name)
-        (tmp / "fusion.json").write_text(json.dumps(fusion_record, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _dedupe_shared(state: dict[str, torch.Tensor]) -> None:
-    """safetensors refuses tensors sharing memory (tied weights): store copies."""
-    seen: dict[int, str] = {}
-    for key, tensor in state.items():
-        ptr = tensor.data_ptr()
-        if ptr in seen:
-            state[key] = tensor.clone()
-        else:
-            seen[ptr] = key
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+) -> list[str]:
+    """Fused tensors held in memory (canonical names) + the anchor's buffers, written as a
+    checkpoint folder (a search's chosen candidate; fusions otherwise stream)."""
+    buffers = [
+        name
+        for name in anchor.family.buffer_names(anchor.config_value("layers"))
+        if anchor.has(name) and name not in tensors
+    ]
+    with CheckpointWriter(out, anchor, [*tensors, *buffers], max_shard_size) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        for name in buffers:
+            writer.write(name, anchor.tensor(name))
+        return writer.publish(fusion_record, model_card)

@@ -14,7 +14,15 @@ from pathlib import Path
 
 from fusion_core.contract import DEFAULT_REG, Finetune, Policy
 from fusion_core.errors import InputError
-from fusion_core.spec import ALIGNMENTS, HEAD_MODES, METHODS, QK_MODES, RESIDUALS, SOLVERS
+from fusion_core.spec import (
+    ALIGNMENTS,
+    HEAD_MODES,
+    METHODS,
+    QK_MODES,
+    RECTANGULAR,
+    RESIDUALS,
+    SOLVERS,
+)
 
 from .service_cli import HANDLERS as SERVICE_HANDLERS
 from .service_cli import add_commands as add_service_commands
@@ -44,6 +52,139 @@ POLICY = Policy()  # the job contract's defaults are the flags' defaults
 FINETUNE = Finetune(steps=1)
 
 
+def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of a fusion recipe, shared by `fuse` and `plan`."""
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="ot",
+        help="ot: align then average (default); vanilla: plain averaging",
+    )
+    parser.add_argument(
+        "--alignment",
+        choices=ALIGNMENTS,
+        help="what the OT cost compares: weight rows (default) or activations on --data; "
+        "given, it pins a search to it",
+    )
+    parser.add_argument(
+        "--solver",
+        choices=SOLVERS,
+        help="emd: exact hard alignment; sinkhorn: soft alignment (default); given, it pins a "
+        "search to it",
+    )
+    parser.add_argument(
+        "--reg",
+        type=_reg_or_fail,
+        metavar="FLOAT|LIST|auto",
+        help=f"Sinkhorn regularizer on the max-normalized cost (default {DEFAULT_REG:g}; smaller "
+        "is harder). A comma-separated list (numbers and/or emd) or auto (EMD and Sinkhorn "
+        "0.01..0.3, 5 log-spaced values) sweeps: one fusion per value, the best one-shot on "
+        "--calib-data is kept; given, it pins a search's solver points",
+    )
+    parser.add_argument(
+        "--residual",
+        choices=RESIDUALS,
+        help="how TMs merge at residual additions (default average; weighted "
+        "policies use the anchor's activations on --data; shared: one TM for the whole "
+        "residual stream, which keeps each aligned model's function under hard alignment); "
+        "given, it pins a search to it",
+    )
+    parser.add_argument(
+        "--filter",
+        default=POLICY.filter,
+        metavar="all|cls|window-N",
+        help="ViT tokens used as activation samples (default all)",
+    )
+    parser.add_argument(
+        "--qk",
+        choices=QK_MODES,
+        default=POLICY.qk,
+        help="query and key share one TM (tied, default) or get their own; rotary models "
+        "(Llama, Mistral, Qwen2) need tied: their Q/K heads move whole",
+    )
+    parser.add_argument(
+        "--heads",
+        choices=HEAD_MODES,
+        help="matched (default): heads paired one to one (key/value groups first under "
+        "grouped-query attention), dimensions aligned inside pairs; cross: the paper's "
+        "cross-head alignment over all heads' dimensions (not for rotary models); given, it "
+        "pins a search to it",
+    )
+    parser.add_argument(
+        "--rectangular",
+        choices=RECTANGULAR,
+        default=POLICY.rectangular,
+        help="maps between different widths: rms (default) keeps each anchor neuron's RMS "
+        "and the attention temperature; mass: plain averages; width: the paper code's "
+        "n_model/n_anchor on outputs",
+    )
+    parser.add_argument(
+        "--anchor",
+        type=int,
+        metavar="INDEX",
+        help="index of the model whose shapes and space the others join (default 0; a search "
+        "tries every model when they have equal shapes, unless this is given)",
+    )
+    parser.add_argument(
+        "--policy",
+        metavar="auto|fixed|JSON",
+        help="auto: search alignment x residual (average, shared, weighted-scalar) x heads x "
+        "solver point (EMD, Sinkhorn 0.01..0.3) and the anchor, scored on --calib-data (never "
+        "--eval-data), cheap recipes first; flags given pin their axis. fixed: the recipe the "
+        "flags give. A JSON list of recipes (objects with alignment, residual, heads, solver, "
+        "reg, anchor): those only. Default: auto with --calib-data, else fixed",
+    )
+    parser.add_argument(
+        "--search-budget",
+        type=int,
+        default=POLICY.search_budget,
+        metavar="N",
+        help=f"most recipes a search fuses (default {POLICY.search_budget})",
+    )
+    parser.add_argument(
+        "--search-seconds",
+        type=_float_or_fail,
+        default=POLICY.search_seconds,
+        metavar="S",
+        help=f"no new recipe is started after S seconds of search (default "
+        f"{POLICY.search_seconds:g})",
+    )
+    parser.add_argument(
+        "--weights",
+        type=_float_or_fail,
+        nargs="+",
+        metavar="W",
+        help="per-model weights in the average (default equal)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        metavar="FILE",
+        help="safetensors of model inputs, for activations-based alignment and "
+        "weighted residual policies",
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=POLICY.samples,
+        metavar="N",
+        help=f"examples of --data used for activations (default {POLICY.samples})",
+    )
+    parser.add_argument(
+        "--device",
+        default=POLICY.device,
+        metavar="auto|cpu|cuda[:N]",
+        help="device for alignment, OT, evaluation and finetuning (default auto: cuda when "
+        "there is one)",
+    )
+    parser.add_argument(
+        "--allow-weights-only-pickle",
+        action="store_true",
+        help="also read legacy .bin checkpoints with torch's weights_only loader "
+        "(off by default: safetensors only)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="otfuse",
@@ -66,127 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="output folder (must not exist or be empty); written atomically",
     )
-    fuse.add_argument(
-        "--method",
-        choices=METHODS,
-        default="ot",
-        help="ot: align then average (default); vanilla: plain averaging",
-    )
-    fuse.add_argument(
-        "--alignment",
-        choices=ALIGNMENTS,
-        help="what the OT cost compares: weight rows (default) or activations on --data; "
-        "given, it pins a search to it",
-    )
-    fuse.add_argument(
-        "--solver",
-        choices=SOLVERS,
-        help="emd: exact hard alignment; sinkhorn: soft alignment (default); given, it pins a "
-        "search to it",
-    )
-    fuse.add_argument(
-        "--reg",
-        type=_reg_or_fail,
-        metavar="FLOAT|LIST|auto",
-        help=f"Sinkhorn regularizer on the max-normalized cost (default {DEFAULT_REG:g}; smaller "
-        "is harder). A comma-separated list (numbers and/or emd) or auto (EMD and Sinkhorn "
-        "0.01..0.3, 5 log-spaced values) sweeps: one fusion per value, the best one-shot on "
-        "--calib-data is kept; given, it pins a search's solver points",
-    )
-    fuse.add_argument(
-        "--residual",
-        choices=RESIDUALS,
-        help="how TMs merge at residual additions (default average; weighted "
-        "policies use the anchor's activations on --data; shared: one TM for the whole "
-        "residual stream, which keeps each aligned model's function under hard alignment); "
-        "given, it pins a search to it",
-    )
-    fuse.add_argument(
-        "--filter",
-        default=POLICY.filter,
-        metavar="all|cls|window-N",
-        help="ViT tokens used as activation samples (default all)",
-    )
-    fuse.add_argument(
-        "--qk",
-        choices=QK_MODES,
-        default=POLICY.qk,
-        help="query and key share one TM (tied, default) or get their own; rotary models "
-        "(Llama, Mistral, Qwen2) need tied: their Q/K heads move whole",
-    )
-    fuse.add_argument(
-        "--heads",
-        choices=HEAD_MODES,
-        help="matched (default): heads paired one to one (key/value groups first under "
-        "grouped-query attention), dimensions aligned inside pairs; cross: the paper's "
-        "cross-head alignment over all heads' dimensions (not for rotary models); given, it "
-        "pins a search to it",
-    )
-    fuse.add_argument(
-        "--anchor",
-        type=int,
-        metavar="INDEX",
-        help="index of the model whose shapes and space the others join (default 0; a search "
-        "tries every model when they have equal shapes, unless this is given)",
-    )
-    fuse.add_argument(
-        "--policy",
-        metavar="auto|fixed|JSON",
-        help="auto: search alignment x residual (average, shared, weighted-scalar) x heads x "
-        "solver point (EMD, Sinkhorn 0.01..0.3) and the anchor, scored on --calib-data (never "
-        "--eval-data), cheap recipes first; flags given pin their axis. fixed: the recipe the "
-        "flags give. A JSON list of recipes (objects with alignment, residual, heads, solver, "
-        "reg, anchor): those only. Default: auto with --calib-data, else fixed",
-    )
-    fuse.add_argument(
-        "--search-budget",
-        type=int,
-        default=POLICY.search_budget,
-        metavar="N",
-        help=f"most recipes a search fuses (default {POLICY.search_budget})",
-    )
-    fuse.add_argument(
-        "--search-seconds",
-        type=_float_or_fail,
-        default=POLICY.search_seconds,
-        metavar="S",
-        help=f"no new recipe is started after S seconds of search (default "
-        f"{POLICY.search_seconds:g})",
-    )
-    fuse.add_argument(
-        "--weights",
-        type=_float_or_fail,
-        nargs="+",
-        metavar="W",
-        help="per-model weights in the average (default equal)",
-    )
-    fuse.add_argument(
-        "--data",
-        type=Path,
-        metavar="FILE",
-        help="safetensors of model inputs, for activations-based alignment and "
-        "weighted residual policies",
-    )
-    fuse.add_argument(
-        "--samples",
-        type=int,
-        default=POLICY.samples,
-        metavar="N",
-        help=f"examples of --data used for activations (default {POLICY.samples})",
-    )
-    fuse.add_argument(
-        "--device",
-        default=POLICY.device,
-        metavar="auto|cpu|cuda[:N]",
-        help="device for alignment, OT, evaluation and finetuning (default auto: cuda when "
-        "there is one)",
-    )
-    fuse.add_argument(
-        "--allow-weights-only-pickle",
-        action="store_true",
-        help="also read legacy .bin checkpoints with torch's weights_only loader "
-        "(off by default: safetensors only)",
-    )
+    add_recipe_flags(fuse)
     job = fuse.add_argument_group(
         "evaluate, sweep, finetune",
         "Any of these makes `fuse` a full job: --out then also holds metrics.json (and "
@@ -248,6 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"finetune batch size ({FINETUNE.batch_size})",
     )
     job.add_argument(
+        "--distill",
+        type=_float_or_fail,
+        default=FINETUNE.distill,
+        metavar="ALPHA",
+        help="finetune: weight of distillation from the parents' ensemble, in [0, 1] "
+        f"(loss = (1 - ALPHA) CE + ALPHA T^2 KL; {FINETUNE.distill:g} = plain finetuning)",
+    )
+    job.add_argument(
+        "--temperature",
+        type=_float_or_fail,
+        default=FINETUNE.temperature,
+        help=f"finetune: distillation temperature ({FINETUNE.temperature:g})",
+    )
+    job.add_argument(
         "--save-transport-maps",
         action="store_true",
         help="write the per-layer plans to --out/transport_maps.safetensors",
@@ -259,6 +294,40 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune curves, transport-map heatmaps)",
     )
     fuse.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    planner = commands.add_parser(
+        "plan",
+        help="what fusing these models will be and cost, without fusing",
+        description="From config.json and the safetensors headers only (no tensor is read): "
+        "whether the models can be fused, the fused shapes, the transport-map graph (which "
+        "spaces exist and which share a map), and the estimated peak memory and time on the "
+        "chosen device (docs/fusion.md, fusion_core/plan_costs.py). Exit status 3 when the "
+        "models cannot be fused.",
+    )
+    planner.add_argument("models", nargs="+", metavar="MODEL_DIR", help="checkpoint folders (≥ 2)")
+    add_recipe_flags(planner)
+    planner.add_argument(
+        "--calib-data",
+        type=Path,
+        metavar="FILE",
+        help="the calibration data of a sweep or search (the plan counts its fusions)",
+    )
+    planner.add_argument(
+        "--eval-data", type=Path, metavar="FILE", help="as for fuse (checked, not read)"
+    )
+    planner.add_argument("--json", action="store_true", help="the plan as JSON on stdout")
+    planner.set_defaults(
+        out=None,
+        finetune_data=None,
+        finetune_steps=None,
+        finetune_epochs=None,
+        finetune_seconds=None,
+        finetune_baselines=[],
+        lr=FINETUNE.lr,
+        batch_size=FINETUNE.batch_size,
+        save_transport_maps=False,
+        report=False,
+    )
 
     evaluate = commands.add_parser(
         "eval",
@@ -315,6 +384,7 @@ FLAGS = {
     "policy.filter": "--filter",
     "policy.qk": "--qk",
     "policy.heads": "--heads",
+    "policy.rectangular": "--rectangular",
     "policy.samples": "--samples",
     "policy.device": "--device",
     "regularizer": "--reg",
@@ -329,6 +399,8 @@ FLAGS = {
     "finetune.seconds": "--finetune-seconds",
     "finetune.lr": "--lr",
     "finetune.batch_size": "--batch-size",
+    "finetune.distill": "--distill",
+    "finetune.temperature": "--temperature",
     "finetune.baselines": "--finetune-baselines",
     "artifacts.transport_maps": "--save-transport-maps",
     "artifacts.report": "--report",
@@ -363,6 +435,8 @@ def job_spec(args: argparse.Namespace):
             "seconds": args.finetune_seconds,
             "lr": args.lr,
             "batch_size": args.batch_size,
+            "distill": args.distill,
+            "temperature": args.temperature,
             "baselines": args.finetune_baselines,
         }
         if all(v is None for v in budget) and args.finetune_data is not None:
@@ -370,6 +444,7 @@ def job_spec(args: argparse.Namespace):
     policy = {
         "filter": args.filter,
         "qk": args.qk,
+        "rectangular": args.rectangular,
         "samples": args.samples,
         "device": args.device,
         "search_budget": args.search_budget,
@@ -393,7 +468,7 @@ def job_spec(args: argparse.Namespace):
         },
         "finetune": finetune,
         "artifacts": {"transport_maps": args.save_transport_maps, "report": args.report},
-        "output": str(args.out),
+        "output": str(args.out) if args.out is not None else None,
     }
     if args.anchor is not None:
         document["anchor"] = args.anchor
@@ -470,6 +545,9 @@ def _fuse(args: argparse.Namespace) -> int:
         models, names = local_models(spec.models)
     except (StorageError, ValueError) as exc:
         raise InputError(str(exc), "models") from None
+    warning = None if args.quiet else _memory_warning(models, recipe)
+    if warning:
+        print(warning, file=sys.stderr)
     search = search_space(spec)
     plain = (
         search.mode == "fixed"
@@ -542,6 +620,42 @@ def _summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from fusion_core.contract import fusion_spec, search_space, validate_job
+    from fusion_core.plan import local_plan, plan_device
+
+    spec = validate_job(job_spec(args))
+    if any(m.startswith("hf://") for m in spec.models):
+        raise InputError("plan reads local folders; fetch hf:// models first", "models")
+    recipe = fusion_spec(spec, plan_device(spec.policy.device))
+    fusions = search_space(spec).planned(len(spec.models))
+    report = local_plan(spec.models, recipe, spec.data.activations, fusions=fusions)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.summary())
+    return 0 if report.compatible else EXIT_INPUT
+
+
+def _memory_warning(models: list[str], recipe) -> str | None:
+    """A warning when the plan's peak memory is above what this machine has free (a plan
+    that cannot be made is the fusion's to report)."""
+    from fusion_core.plan import available_memory, local_plan
+
+    try:
+        report = local_plan(models, recipe, None)
+    except Exception:
+        return None
+    free = available_memory()
+    est = report.estimate
+    if est is None or free is None or est.host_peak_bytes <= free:
+        return None
+    return (
+        f"otfuse: warning: this fusion needs ~{est.host_peak_bytes / 2**30:.1f} GiB of memory "
+        f"(otfuse plan), {free / 2**30:.1f} GiB are available"
+    )
+
+
 def _eval(args: argparse.Namespace) -> int:
     import transformers
 
@@ -566,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
-    handlers = {"fuse": _fuse, "eval": _eval, "demo": _demo, **SERVICE_HANDLERS}
+    handlers = {"fuse": _fuse, "plan": _plan, "eval": _eval, "demo": _demo, **SERVICE_HANDLERS}
     from fusion_core import FusionError, InputError
 
     try:

@@ -9,6 +9,7 @@ import math
 
 from adapters.access import Access
 from adapters.jobspec import check_spec, probe_inputs
+from adapters.planning import check_fits, memory_limits, plan_spec
 from adapters.storage import StorageError
 from adapters.store import DONE, IdempotencyConflict, JobStore, finish, new_job_id, now_iso
 from fusion_core.contract import JobSpec
@@ -41,6 +42,7 @@ def submit(
     try:
         spec = check_spec(spec, settings, tenant)
         probe_inputs(spec, storage)
+        check_memory(spec, tenant, settings, storage)
         output = spec.output or Access(settings).default_output(tenant, job_id)
     except InputError as error:
         raise SpecError(error.field or "body", error.reason) from None
@@ -85,9 +87,36 @@ def submit(
     return job, created
 
 
-def check_quota(tenant: str, settings, store: JobStore) -> None:
-    """429 with Retry-After when the tenant submits faster than its rate, or has its
-    maximum of jobs waiting. Every submit takes a token, valid or not."""
+def plan(spec: JobSpec, tenant: str, settings, storage) -> dict:
+    """The job's plan (nothing recorded or queued): 422 where submit would refuse it, for
+    the same reasons, or because the models cannot be fused or do not fit the worker."""
+    try:
+        spec = check_spec(spec, settings, tenant)
+        report = plan_spec(spec, settings, storage, tenant)
+        if not report.compatible:
+            raise InputError(report.problem or "the models cannot be fused", report.field)
+        check_fits(report, settings)
+    except InputError as error:
+        raise SpecError(error.field or "models", error.reason) from None
+    return report.to_dict()
+
+
+def check_memory(spec: JobSpec, tenant: str, settings, storage) -> None:
+    """At submit, where a worker memory is known: refuse a job whose planned peak is above
+    it. A plan that cannot be made (unreadable inputs, models that do not fit together) is
+    left to the worker, which reports it as the fusion would."""
+    if memory_limits(settings) == (None, None):
+        return
+    try:
+        report = plan_spec(spec, settings, storage, tenant)
+    except (InputError, StorageError):
+        return
+    if report.compatible:
+        check_fits(report, settings)
+
+
+def check_submit_rate(tenant: str, settings, store: JobStore) -> None:
+    """429 with Retry-After when the tenant submits (or plans) faster than its rate."""
     wait = store.take_submit_token(tenant, settings.submit_rate, settings.submit_burst)
     if wait > 0:
         raise ProblemError(
@@ -97,6 +126,12 @@ def check_quota(tenant: str, settings, store: JobStore) -> None:
             kind="rate-limited",
             headers={"Retry-After": str(max(1, math.ceil(wait)))},
         )
+
+
+def check_quota(tenant: str, settings, store: JobStore) -> None:
+    """429 with Retry-After when the tenant submits faster than its rate, or has its
+    maximum of jobs waiting. Every submit takes a token, valid or not."""
+    check_submit_rate(tenant, settings, store)
     queued = store.tenant_counts(tenant)["queued"]
     if queued >= settings.max_queued_per_tenant:
         raise ProblemError(

@@ -65,8 +65,20 @@ class Job(BaseModel):
     position: dict[str, Any] | None = Field(
         None,
         description="where the stage is, typed: unit (byte, model, block, step), step, total, "
-        "and point/points (the sweep point) or run (the finetune run)",
-        examples=[{"unit": "block", "step": 5, "total": 12, "point": 1, "points": 6, "run": None}],
+        "and point/points (the sweep point) or run (the finetune run); while aligning, "
+        "bytes_written/bytes_total of the fused checkpoint, which is written as it is fused",
+        examples=[
+            {
+                "unit": "block",
+                "step": 5,
+                "total": 12,
+                "point": 1,
+                "points": 6,
+                "run": None,
+                "bytes_written": 183500800,
+                "bytes_total": 438000000,
+            }
+        ],
     )
     name: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)

@@ -68,6 +68,16 @@ CASES = [
         ["--finetune-steps", "5", "--lr", "5", "--finetune-data", D],
     ),
     (
+        "finetune.distill",
+        {"finetune": {"steps": 5, "distill": 1.5}, "data": {"finetune": D}},
+        ["--finetune-steps", "5", "--distill", "1.5", "--finetune-data", D],
+    ),
+    (
+        "finetune.temperature",
+        {"finetune": {"steps": 5, "distill": 0.5, "temperature": 0}, "data": {"finetune": D}},
+        ["--finetune-steps", "5", "--distill", "0.5", "--temperature", "0", "--finetune-data", D],
+    ),
+    (
         "finetune.steps",
         {"finetune": {"steps": 0}, "data": {"finetune": D}},
         ["--finetune-steps", "0", "--finetune-data", D],
@@ -185,9 +195,10 @@ def test_every_field_of_the_spec_has_a_flag_or_is_the_service_s():
     assert _leaves(JobSpec) - service_only == set(FLAGS) - {"finetune", "policy"}
 
 
-def test_the_api_validates_without_torch(tmp_path):
+def test_the_api_validates_without_torch(tmp_path, parents):
     """The API image has no torch, transformers or numerical libraries: with them made
-    unimportable, the app builds, validates a job, lists jobs and serves its docs."""
+    unimportable, the app builds, validates a job, plans one from its headers, lists jobs
+    and serves its docs."""
     code = f"""
 import importlib.abc, sys
 BLOCKED = {{"torch", "transformers", "safetensors", "scipy", "ot", "numpy", "lap", "sklearn"}}
@@ -205,10 +216,15 @@ class Held(Queue):
     def enqueue(self, job_id):
         pass
 
-settings = Settings(data_dir={str(tmp_path / "svc")!r}, file_roots=[{str(tmp_path)!r}])
+settings = Settings(
+    data_dir={str(tmp_path / "svc")!r}, file_roots=[{str(tmp_path)!r}, {str(parents["root"])!r}]
+)
 with TestClient(create_app(settings, queue=Held())) as client:
     bad = client.post("/fusions", json={{"models": ["file:///a/"], "regularizer": -1}})
     assert bad.status_code == 422, bad.text
+    models = {[f"file://{m}" for m in parents["models"]]!r}
+    plan = client.post("/fusions:plan", json={{"models": models}})
+    assert plan.status_code == 200 and plan.json()["compatible"], plan.text
     assert client.get("/fusions").status_code == 200
     docs = client.get("/docs").text
     assert "/docs/assets/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()

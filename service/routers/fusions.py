@@ -13,11 +13,14 @@ from fastapi.responses import JSONResponse, Response
 
 from adapters.store import DONE, decode_token, encode_token, peek
 from fusion_core.contract import EXAMPLE_SPEC, HEALED_EXAMPLE_SPEC, JobSpec
+from fusion_core.plan import PlanReport
 
 from .. import jobs
 from ..auth import tenant, tenant_of
 from ..direct import DirectRoute
+from ..jobs import check_submit_rate
 from ..models import Job, JobList, Problem, Status
+from ..plan_example import PLAN_EXAMPLE
 from ..problems import ProblemError
 
 router = APIRouter(prefix="/fusions", tags=["fusions"])
@@ -338,6 +341,28 @@ async def submit(
         idempotency_key,
     )
     return JSONResponse(job, status_code=202, headers={"Location": f"/fusions/{job['id']}"})
+
+
+@router.post(
+    ":plan",
+    operation_id="plan_job",
+    summary="Plan a fusion job without running it",
+    description="The body of POST /fusions. From the models' config.json and safetensors "
+    "headers only (no tensor is read, no job is created): whether the models can be fused, "
+    "the fused config and shapes, the transport-map graph, and the estimated peak memory and "
+    "time on the worker's device. 422 where POST /fusions would refuse the job, or when the "
+    "models cannot be fused or their estimate does not fit the worker's memory.",
+    response_model=PlanReport,
+    responses={
+        200: {"content": {"application/json": {"example": PLAN_EXAMPLE}}},
+        **_problem_responses(401, 413, 422, 429),
+    },
+)
+async def plan_job(request: Request, spec: JobSpec, who: Annotated[str, Depends(tenant)]):
+    state = request.app.state
+    await run_in_threadpool(check_submit_rate, who, state.settings, state.store)
+    report = await run_in_threadpool(jobs.plan, spec, who, state.settings, state.storage)
+    return JSONResponse(report)
 
 
 @router.get(
