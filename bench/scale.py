@@ -297,6 +297,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="BERT-base runs per row")
     parser.add_argument("--llama-repeats", type=int, default=1, help="1B runs per row")
     parser.add_argument("--parts", default="bert,llama,depth", help="in the order to run")
+    parser.add_argument(
+        "--methods", default="vanilla,sinkhorn,emd", help="otfuse rows to run (a subset)"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     # the child's arguments
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -331,6 +334,9 @@ def main() -> None:
         )
 
     def otfuse_row(pair, label, models, spec, repeats, baseline):
+        method = spec.get("method") or spec["solver"]
+        if method not in args.methods.split(","):
+            return None
         runs = [run_otfuse(models, out, spec, args.threads) for _ in range(repeats)]
         row = Row(pair, label, runs, output_dtypes(out), baseline)
         row.models, row.spec = models, spec  # predicted after every run (see below)
@@ -380,6 +386,8 @@ def main() -> None:
         print("\ndepth sweep (same width): per layer count, wall s / peak RSS MiB")
         for layers in sorted(depth_rows):
             vanilla, ot = depth_rows[layers]
+            if vanilla is None or ot is None:
+                continue
             print(
                 f"  {layers:>2} layers: vanilla {vanilla.seconds:.1f} s / "
                 f"{vanilla.peak / 2**20:,.0f} MiB; OT {ot.seconds:.1f} s / "

@@ -364,7 +364,8 @@ def fusion_record(
     prepared: Prepared, anchor, spec, seconds, result: EngineResult, metrics, search=None
 ):
     """The machine-readable recipe written as fusion.json (`search`: how it was chosen)."""
-    import ot
+    from importlib.metadata import version  # not `import ot`: ~1 s of CPU for a version
+
     import safetensors
     import transformers
 
@@ -403,7 +404,7 @@ def fusion_record(
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "pot": ot.__version__,
+            "pot": version("pot"),
             "safetensors": safetensors.__version__,
         },
     }

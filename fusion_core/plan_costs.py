@@ -11,14 +11,20 @@ Memory, on the host (and on the GPU for cuda):
                         and fused on the host; vocabulary tables in row blocks when the
                         engine does so
   + plans               per non-anchor model n_model x n_anchor float32 for the maps alive at
-                        once (the plan and its normalized maps: PLAN_COPIES when soft)
-  + solver              the largest Sinkhorn problem's temporaries (cost, kernel, scaled)
+                        once (the plan, and for a soft plan its normalized map per role)
+  + solver              the problem solved in that step: Sinkhorn's cost, scaled cost and
+                        kernel (SOLVER_COPIES; the plan is made in the kernel), or exact OT's
+                        cost and dense permutation plan
   + output buffer       fused bytes held before they are written (the whole model for the
                         in-memory engine; the streaming one writes rows in place)
   + activations         calibration activations held (activation alignment, weighted merges)
 
-Time = bytes read / READ_BANDWIDTH + bytes written / WRITE_BANDWIDTH + float32 passes over
-every tensor / MEMORY_BANDWIDTH + flops of cost matrices (2 n_m n_a F) and plan products
+Memory is a timeline: the peak is the largest sum over the steps of the walk of what is held
+then (plans so far or alive, output so far, the step, its solver).
+
+Time = PREPARE_SECONDS + bytes read / READ_BANDWIDTH + bytes written / WRITE_BANDWIDTH
++ float32 passes over every tensor / MEMORY_BANDWIDTH + flops of cost matrices (2 n_m n_a F)
+and plan products
 (dense soft plans: 2 n_a per element; hard plans: gathers, as memory passes) / the device's
 flop rate + solver time (Sinkhorn: SINKHORN_PASSES passes over each n_m x n_a kernel; EMD: the
 assignment's n^3 worst case) + forward passes for activations.
@@ -106,7 +112,7 @@ class CostModel:
     cuda_host_bytes: float = 1.5 * (1 << 30)  # the CUDA context's host memory (libraries)
     cuda_device_bytes: float = 0.5 * (1 << 30)  # the CUDA context on the device
     work_copies: float = 2.5  # float32 copies of a step's tensors alive at once (measured)
-    solver_copies: float = 4.0  # Sinkhorn's cost, scaled cost, kernel and a temporary
+    solver_copies: float = 3.0  # Sinkhorn's cost, scaled cost and kernel (the plan, in place)
     # time, CPU
     cpu_flops: float = 170e9  # float32 GEMM on 2 idle cores (measured 177e9: CPU s / threads)
     read_bandwidth: float = 2e9  # positioned reads from page cache, checked, to float32
@@ -176,10 +182,14 @@ def estimate(
         return copies * sum(4 * a * b for a, b in m.shapes)
 
     def solver_bytes(m) -> float:
-        """Sinkhorn's temporaries while it solves `m` (float64 for small problems on CPU)."""
-        if not sinkhorn or m.how not in ("ot", "heads"):
+        """The solver's memory while it solves `m`: Sinkhorn's copies (float64 for small
+        problems on CPU); exact OT's cost and dense plan (an assignment, float32), or POT's
+        float64 cost and plan for rectangular problems."""
+        if not graph.ot or m.how not in ("ot", "heads"):
             return 0.0
         entries = max(a * b for a, b in m.shapes) / (graph.heads_of(m) if m.how == "heads" else 1)
+        if not sinkhorn:
+            return entries * (8 if all(a == b for a, b in m.shapes) else 20)
         return costs.solver_copies * entries * (8 if entries <= 4_000_000 and not cuda else 4)
 
     # the shared residual stream (weights): its features, solved before the walk
@@ -232,10 +242,11 @@ def estimate(
         alive = [
             m for m in maps if m.live[0] <= end and (not engine.plans_freed or m.live[1] >= at)
         ]
-        solving = [solver_bytes(m) for m in maps if at <= m.live[0] <= end]
+        # a plan solved in this step lives in the solver's kernel until it is applied
+        solving = [m for m in maps if at <= m.live[0] <= end and solver_bytes(m)]
         held = {
-            "plans": sum(plan_bytes(m) for m in alive),
-            "solver": max(solving, default=0.0),
+            "plans": sum(plan_bytes(m) for m in alive if m not in solving),
+            "solver": max((solver_bytes(m) for m in solving), default=0.0),
             "activations": acts,
             "step": costs.work_copies * f32,
         }

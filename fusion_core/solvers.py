@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import ot
 import torch
 
 from .assignment import assign, permutation_plan
@@ -30,6 +29,8 @@ def emd(cost: torch.Tensor) -> torch.Tensor:
     if batch:
         flat = cost.reshape(-1, n, m)
         return torch.stack([emd(c) for c in flat]).reshape(cost.shape)
+    import ot  # POT only for non-square problems (importing it costs ~1 s of CPU)
+
     c = cost.detach().to("cpu", torch.float64).numpy()
     a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
     plan, log = ot.emd(a, b, c, numItermax=max(10_000_000, 100 * n * m), log=True)
