@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fusion_core.contract import JobSpec, fusion_spec
+from fusion_core.contract import JobSpec, fusion_spec, search_space
 from fusion_core.errors import InputError
-from fusion_core.limits import Limits
 from fusion_core.plan import PlanReport, data_tokens, plan, total_memory
 
 from .access import Access
@@ -76,10 +75,9 @@ def plan_spec(spec: JobSpec, settings, storage, tenant: str) -> PlanReport:
     tokens = None
     if spec.data.activations is not None and parse_uri(spec.data.activations)[0] != "hf":
         tokens = _data_tokens(storage, access, tenant, spec.data.activations, recipe.samples)
-    limits = Limits(
-        settings.max_layers, settings.max_width, settings.max_vocab, settings.max_parameters
-    )
-    return plan(folders, recipe, limits, tokens)
+    limits = settings.limits  # torch-free: Limits.check_sizes reads configs only
+    fusions = search_space(spec).planned(len(spec.models))
+    return plan(folders, recipe, limits, tokens, fusions=fusions)
 
 
 def _data_tokens(storage, access: Access, tenant: str, uri: str, samples: int) -> int | None:

@@ -30,6 +30,7 @@ from .spec import (
     FusionSpec,
     Heads,
     Method,
+    Rectangular,
     Residual,
     Solver,
 )
@@ -321,6 +322,11 @@ class Policy(Strict):
     heads: Heads = Field(
         "matched", description="heads paired one to one, or the paper's cross-head alignment"
     )
+    rectangular: Rectangular = Field(
+        "rms",
+        description="maps between different widths: rms keeps each anchor neuron's RMS (and "
+        "the attention temperature), mass averages, width is the paper code's width ratio",
+    )
     samples: int = Field(200, ge=1, le=100_000, description="data examples for activations")
     device: str = Field(
         "auto",
@@ -367,6 +373,21 @@ class Finetune(Strict):
     warmup: float = Field(0.1, ge=0, lt=1, description="fraction of the budget warming up")
     weight_decay: float = Field(0.01, ge=0, le=1)
     seed: int = Field(0, ge=0, le=2**31 - 1, description="data order (and MLM masking)")
+    distill: float = Field(
+        FinetuneConfig.distill,
+        ge=0,
+        le=1,
+        description="weight of distillation from the parents' ensemble (the mean of their "
+        "probabilities): loss = (1 - distill) * CE(labels) + distill * T^2 * KL(teacher_T || "
+        "model_T); 0 = plain finetuning (docs/evaluation.md: the default wins on "
+        "heterogeneous fusions and ties on same-width ones)",
+    )
+    temperature: float = Field(
+        FinetuneConfig.temperature,
+        gt=0,
+        le=100,
+        description="distillation temperature T (with distill > 0)",
+    )
     baselines: list[Literal["vanilla"]] = Field(
         default_factory=list,
         max_length=1,
@@ -521,6 +542,7 @@ RECIPE_FIELDS = {
     "filter": "policy.filter",
     "qk": "policy.qk",
     "heads": "policy.heads",
+    "rectangular": "policy.rectangular",
     "anchor": "anchor",
     "weights": "weights",
     "samples": "policy.samples",
@@ -530,7 +552,17 @@ RECIPE_FIELDS = {
 }
 FINETUNE_FIELDS = {
     name: f"finetune.{name}"
-    for name in ("steps", "epochs", "seconds", "lr", "batch_size", "warmup", "seed")
+    for name in (
+        "steps",
+        "epochs",
+        "seconds",
+        "lr",
+        "batch_size",
+        "warmup",
+        "seed",
+        "distill",
+        "temperature",
+    )
 }
 
 
@@ -735,6 +767,7 @@ def fusion_spec(spec: JobSpec, device: str) -> FusionSpec:
             filter=spec.policy.filter,
             qk=spec.policy.qk,
             heads=spec.policy.heads,
+            rectangular=spec.policy.rectangular,
             anchor=spec.anchor,
             weights=tuple(spec.weights) if spec.weights else None,
             samples=spec.policy.samples,
@@ -758,6 +791,8 @@ def finetune_config(spec: JobSpec, device: str) -> FinetuneConfig | None:
         warmup=f.warmup,
         weight_decay=f.weight_decay,
         seed=f.seed,
+        distill=f.distill,
+        temperature=f.temperature,
         device=device,
     )
     try:

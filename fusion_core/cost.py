@@ -18,16 +18,23 @@ class GramCost:
     without building them: squared norms and one Gram matrix (in place), combined once at
     the end. Blocks may come one tensor at a time, or in slices of a tensor's rows."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_gram: bool = False) -> None:
         self.gram: torch.Tensor | None = None
         self.model_sq: torch.Tensor | float = 0.0
         self.anchor_sq: torch.Tensor | float = 0.0
+        # The model neurons' own Gram matrix, when asked: what the RMS convention of
+        # rectangular maps needs (the norm of averaged neurons) once the rows are gone.
+        self.track_model = model_gram
+        self.model_gram: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.float(), y.float()
         self.model_sq = self.model_sq + x.pow(2).sum(-1)
         self.anchor_sq = self.anchor_sq + y.pow(2).sum(-1)
         self.gram = x @ y.T if self.gram is None else self.gram.addmm_(x, y.T)
+        if self.track_model:
+            own = self.model_gram
+            self.model_gram = x @ x.T if own is None else own.addmm_(x, x.T)
 
     def add_scaled(self, part: GramCost) -> None:
         """Another accumulation, its model and anchor features each scaled to unit norm."""
@@ -39,6 +46,9 @@ class GramCost:
         self.anchor_sq = self.anchor_sq + part.anchor_sq / sy**2
         gram = part.gram.div_(sx * sy)
         self.gram = gram if self.gram is None else self.gram.add_(gram)
+        if part.model_gram is not None:
+            own = part.model_gram.div_(sx**2)
+            self.model_gram = own if self.model_gram is None else self.model_gram.add_(own)
 
     def cost(self) -> torch.Tensor:
         if self.gram is None:

@@ -65,6 +65,7 @@ class EngineResult:
 Sink = Callable[[str, torch.Tensor, int], None]
 
 BLOCK_BYTES = 32 << 20  # float32 bytes per block of rows read where rows are not transported
+RMS_SCALE_MAX = 4.0  # a bound for neurons whose sources cancel out
 
 Activations = dict[int, dict[Tap, torch.Tensor]]  # model index -> tap -> (tokens, n)
 # The layer being fused and its loaded tensors (model's, anchor's): reused for its features.
@@ -110,8 +111,20 @@ class Engine:
             self.heads, self.groups = self.anchor.config_value("heads"), self.anchor.kv_heads
             check_attention_policy(self.nodes, spec, self.anchor)
         self._maps: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        # per rectangular plan (by id): the RMS-preserving scale of each anchor neuron
+        self._scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         shared = spec.residual == "shared" and spec.method == "ot"  # vanilla: no plans to share
         self.stream = self._stream_spaces() if shared else set()
+        # maps between different widths keep their neurons' RMS (see _keep_scale): streamed
+        # costs then also accumulate the model neurons' own Gram matrix
+        self.rms_rectangular = spec.rectangular == "rms" and any(
+            model.checkpoint.shape(model.keys[p.name])
+            != self.anchor.checkpoint.shape(self.anchor.keys[p.name])
+            for model in self.others
+            for layer in layers
+            for p in layer.params
+            if self.anchor.has(p.name) and model.has(p.name)
+        )
         self.keep_plans = keep_plans
         self.kept: dict[str, torch.Tensor] = {}
         self._kept_by_plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -213,6 +226,8 @@ class Engine:
             for space in [s for s in plans if s not in self.stream]:
                 del plans[space]
         self._maps.clear()
+        live = {id(p) for plans in self.plans.values() for p in plans.values()}
+        self._scales = {key: value for key, value in self._scales.items() if key in live}
         first_record = len(self.records)
         order = list(dict.fromkeys(self.blocks))
         previous = None
@@ -243,6 +258,7 @@ class Engine:
                 plans.pop(space, None)
         live = {id(p) for plans in self.plans.values() for p in plans.values()}
         self._maps = {key: value for key, value in self._maps.items() if key[0] in live}
+        self._scales = {key: value for key, value in self._scales.items() if key in live}
 
     def _average(self) -> None:
         """Vanilla fusion: the weighted average of every tensor, block of rows by block of
@@ -356,10 +372,11 @@ class Engine:
                     total += rows * self.weight[model.index]
                 self._emit(param.name, total, start)
 
-    def _blocked_cost(self, model: ParentModel, layer: Layer, space: str) -> torch.Tensor:
+    def _blocked_cost(
+        self, model: ParentModel, layer: Layer, space: str, accumulated: GramCost
+    ) -> torch.Tensor:
         """The weights-based cost of `space` from its defining layer's tensors, read and
         accumulated in blocks of rows (a layer whose rows no plan acts on)."""
-        accumulated = GramCost()
         for p in layer.params:
             if not self.anchor.has(p.name) or self.anchor.is_tied(p):
                 continue
@@ -415,17 +432,29 @@ class Engine:
                 continue
             role = tag[0]
             if len(spaces) == 1:
-                tensor = apply_on_axis(tensor, axis, self._map(plans[spaces[0]], role))
+                tensor = self._apply(tensor, axis, plans[spaces[0]], role, spaces[0])
                 continue
             parts = _parts(tensor, axis, len(spaces))  # a fused axis: each part its own map
             tensor = torch.cat(
                 [
-                    apply_on_axis(part, axis, self._map(plans[s], role)) if s in todo else part
+                    self._apply(part, axis, plans[s], role, s) if s in todo else part
                     for s, part in zip(spaces, parts, strict=True)
                 ],
                 axis,
             )
         return tensor
+
+    def _apply(self, tensor: torch.Tensor, axis: int, plan: torch.Tensor, role: str, space: str):
+        mapped = apply_on_axis(tensor, axis, self._map(plan, role))
+        if role == "out" and self._temperature_space(space):
+            # q.k sums over the model's head_dim d_m and is divided by sqrt(d_m); in the anchor's
+            # d_a dims the same logits need q scaled by (d_m / d_a) * sqrt(d_a / d_m)
+            mapped = mapped * (plan.shape[0] / plan.shape[1]) ** 0.5
+        return mapped
+
+    def _temperature_space(self, space: str) -> bool:
+        attention = self.attention.get(space)
+        return attention is not None and attention.query == space and self.spec.rectangular == "rms"
 
     def _map(self, plan: torch.Tensor, role: str) -> torch.Tensor:
         """The normalized map of a plan (or its permutation indices), computed once."""
@@ -437,8 +466,54 @@ class Engine:
                 mapped = permutation
             else:
                 mapped = out_map(plan) if role == "out" else in_map(plan)
+                scale = self._rectangular_scale(plan)
+                if scale is not None and role == "out":
+                    mapped = mapped * scale[None, :]
+                elif scale is not None and self.spec.rectangular == "rms":
+                    mapped = mapped / scale[None, :]  # consumers undo it
             self._maps[key] = (plan, mapped)  # holding the plan keeps its id unique
         return self._maps[key][1]
+
+    def _rectangular_scale(self, plan: torch.Tensor) -> torch.Tensor | None:
+        """The scale of each anchor neuron's aligned output for a rectangular plan under the
+        spec's convention (None: mass, or a square plan). `rms`: the neuron's own (see
+        `_keep_scale`), and consumers divide by it, so they still reconstruct the model's
+        neurons; `width`: the official code's n_model / n_anchor on outputs only."""
+        n_model, n_anchor = plan.shape
+        convention = self.spec.rectangular
+        if n_model == n_anchor or convention == "mass":
+            return None
+        if convention == "width":
+            return torch.full((n_anchor,), n_model / n_anchor, device=plan.device)
+        known = self._scales.get(id(plan))
+        return known[1] if known is not None else None
+
+    def _keep_scale(
+        self,
+        plan: torch.Tensor,
+        model_rows: list[torch.Tensor] | None = None,
+        summary: GramCost | None = None,
+    ) -> None:
+        """RMS preservation: anchor neuron i receives the average sum_j m_ji f_j of the model
+        neurons' features f_j (activations, or the defining weights' rows); averaging
+        neurons that are not copies of each other shrinks it. Scaled by
+        sqrt(sum_j m_ji |f_j|^2) / |sum_j m_ji f_j|, it keeps the mass-weighted RMS of its
+        sources; copies of one neuron get exactly 1. The features come as rows, or as the
+        squared norms and Gram matrix a streamed cost accumulated (`summary`)."""
+        if plan.shape[0] == plan.shape[1] or self.spec.rectangular != "rms":
+            return
+        mass = out_map(plan)
+        if model_rows is not None:
+            features = torch.cat([b.float().reshape(b.shape[0], -1) for b in model_rows], 1)
+            sources = mass.T @ features.pow(2).sum(1)
+            averaged = (mass.T @ features).pow(2).sum(1)
+        else:
+            assert summary is not None and summary.model_gram is not None
+            sources = mass.T @ summary.model_sq
+            averaged = ((summary.model_gram @ mass) * mass).sum(0)
+        tiny = torch.finfo(mass.dtype).tiny
+        scale = (sources.clamp_min(tiny) / averaged.clamp_min(tiny)).sqrt()
+        self._scales[id(plan)] = (plan, scale.clamp(max=RMS_SCALE_MAX))
 
     def _plan(self, model: ParentModel, space: str, current: Current) -> None:
         plans = self.plans[model.index]
@@ -450,10 +525,15 @@ class Engine:
             layer = self.definer[space]
             by_weights = self.spec.alignment != "activations" or layer.tap is None
             if current is None and by_weights:
-                cost = self._blocked_cost(model, layer, space)
+                summary = self._gram_cost()
+                cost = self._blocked_cost(model, layer, space, summary)
+                plans[space] = solvers.solve(cost, self.spec.solver, self.spec.reg)
+                self._keep_scale(plans[space], summary=summary)
             else:
-                cost = block_cost(*self._features(model, space, current))
-            plans[space] = solvers.solve(cost, self.spec.solver, self.spec.reg)
+                model_rows, anchor_rows = self._features(model, space, current)
+                cost = block_cost(model_rows, anchor_rows)
+                plans[space] = solvers.solve(cost, self.spec.solver, self.spec.reg)
+                self._keep_scale(plans[space], model_rows)
             self._record(model, (space,), plans[space], float((plans[space] * cost).sum()))
             del cost
 
@@ -468,6 +548,7 @@ class Engine:
             for members in [(q, k), (v,)] if tied else [(q,), (k,), (v,)]:
                 cost = block_cost(*([b for s in members for b in rows[s][i]] for i in (0, 1)))
                 plan = solvers.solve(cost, self.spec.solver, self.spec.reg)
+                self._keep_scale(plan, [b for s in members for b in rows[s][0]])
                 for space in members:
                     plans[space] = plan
                 self._record(model, members, plan, float((plan * cost).sum()))
@@ -490,6 +571,9 @@ class Engine:
             sets = [head_set((q,)), head_set((k,), per_group=True), head_set((v,), per_group=True)]
         result = head_matched_plans(sets, self.heads, self.groups, self.spec.solver, self.spec.reg)
         for head_set_, plan, cost in zip(sets, result.plans, result.costs, strict=True):
+            # grouped values: the output projection reads a plan of its own, left unscaled
+            if v not in head_set_.spaces or self.groups == self.heads:
+                self._keep_scale(plan, [b for s in head_set_.spaces for b in rows[s][0]])
             for space in head_set_.spaces:
                 plans[space] = plan
             self._record(model, head_set_.spaces, plan, cost)
@@ -557,19 +641,21 @@ class Engine:
         costs: dict[int, GramCost] | None = None
         for number in range(rounds):
             for model in self.others:
+                rows, summary = None, None
                 if self.spec.alignment == "activations":
-                    cost = pairwise_cost(*self._stream_activations(model))
-                elif costs is None:
-                    cost = self._stream_weights(model)
+                    model_features, anchor_features = self._stream_activations(model)
+                    cost, rows = pairwise_cost(model_features, anchor_features), [model_features]
                 else:
-                    cost = costs[model.index].cost()
+                    summary = self._stream_weights(model) if costs is None else costs[model.index]
+                    cost = summary.cost()
                 plan = solvers.solve(cost, self.spec.solver, self.spec.reg)
+                self._keep_scale(plan, rows, summary)
                 for space in self.stream:
                     self.plans[model.index][space] = plan
                 if number == rounds - 1:
                     self._record(model, ("stream",), plan, float((plan * cost).sum()))
             if number < rounds - 1:
-                costs = {model.index: GramCost() for model in self.others}
+                costs = {model.index: self._gram_cost() for model in self.others}
                 self._walk(emit=False, stream_costs=costs)  # inner plans under this plan
 
     def _stream_params(self, node: Node, first: bool) -> list[tuple[Param, int]]:
@@ -592,7 +678,7 @@ class Engine:
         """One tensor's share of the stream cost: each stream neuron's weights, other axes
         mapped by the current inner plans (block by block of rows where no plan acts on
         them); `GramCost.add_scaled` weighs every tensor the same."""
-        part = GramCost()
+        part = self._gram_cost()
         ranges = self._row_blocks(param.name) if param.axes[0] is None else [(0, None)]
         for start, stop in ranges:
             m = self._load(model, param.name, start, stop)
@@ -601,14 +687,17 @@ class Engine:
             part.add(*neuron_rows([m, a], [axis, axis]))
         return part
 
-    def _stream_weights(self, model: ParentModel) -> torch.Tensor:
+    def _stream_weights(self, model: ParentModel) -> GramCost:
         """The first round's cost between stream neurons, from the tensors touching the
         stream that no inner plan acts on, accumulated tensor by tensor."""
-        total = GramCost()
+        total = self._gram_cost()
         for node in self.nodes:
             for param, axis in self._stream_params(node, first=True):
                 total.add_scaled(self._stream_part(model, param, axis))
-        return total.cost()
+        return total
+
+    def _gram_cost(self) -> GramCost:
+        return GramCost(model_gram=self.rms_rectangular)
 
     def _stream_activations(self, model: ParentModel):
         """The stream's activations at every residual addition, each tap at unit scale."""

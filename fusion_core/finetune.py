@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +27,11 @@ from .checkpoint import open_checkpoint
 from .data import LABELS, load_data
 from .errors import CancelledError, InputError
 from .evaluate import (
+    IGNORE,
     language_model_labels,
     mask_token_id,
     mask_tokens,
+    next_token,
     task_of,
     token_loss,
 )
@@ -66,10 +68,16 @@ def finetune(
     name: str = "fused",
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    teachers: Sequence[str | Path] = (),
 ) -> FinetuneResult:
     """Finetune the checkpoint at `model_dir` on `data_file` (labels for classifiers; MLM
     data without labels is masked afresh each step; a causal LM learns its next tokens, the
-    inputs unless labels say otherwise) and write it to `out` atomically."""
+    inputs unless labels say otherwise) and write it to `out` atomically.
+
+    With `teachers` (checkpoint folders, the parents of a fusion) and `config.distill` > 0
+    the loss also pulls the model towards their ensemble (the mean of their probabilities at
+    `config.temperature`), on the tokens the labels score; their logits are computed batch
+    by batch, under no_grad. Without teachers the finetune is plain."""
     config = (config or FinetuneConfig()).validate()
     out = Path(out)
     check_output_dir(out)
@@ -90,6 +98,13 @@ def finetune(
 
     device = torch.device(config.device or "cpu")
     model = load_live_model(model_dir, architecture, str(device))
+    teacher_models = []
+    if config.distill > 0:
+        for teacher in teachers:  # none: plain
+            teacher_arch = resolve_family(open_checkpoint(Path(teacher)).config)[1]
+            if task_of(teacher_arch) != task:
+                raise InputError(f"{teacher}: a {teacher_arch} cannot teach a {architecture}")
+            teacher_models.append(load_live_model(Path(teacher), teacher_arch, str(device)))
     # fp32 master weights whatever the checkpoint stores (AdamW's small updates vanish in
     # bf16/fp16); the result is written back in the stored dtype
     stored_dtype = model.dtype
@@ -152,6 +167,12 @@ def finetune(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
         loss = token_loss(logits.float(), labels, task)
+        if teacher_models:
+            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
+                inputs = {k: v.to(device) for k, v in batch.items()}
+                taught = [t(**inputs).logits.float() for t in teacher_models]
+            kl = teacher_kl(logits.float(), taught, labels, task, config.temperature)
+            loss = (1 - config.distill) * loss + config.distill * config.temperature**2 * kl
         if not torch.isfinite(loss):
             raise InputError(f"finetune of the {name} model diverged at step {step} (loss {loss})")
         optimizer.zero_grad(set_to_none=True)
@@ -185,11 +206,42 @@ def finetune(
         stopped_by,
         _thin(losses),
         _thin(lrs),
+        healing=config.healing(len(teacher_models)),
     )
     if cancelled():
         raise CancelledError(f"finetune of the {name} model cancelled")
     _write(model.to(dtype=stored_dtype), model_dir, out, run, config)
     return FinetuneResult(out, run, losses)
+
+
+def teacher_kl(
+    logits: torch.Tensor,
+    teacher_logits: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    task: str,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """KL(teacher_T || student_T), averaged over the scored examples or tokens (those the
+    labels do not ignore; a causal LM's positions predict the next token). The teacher is the
+    ensemble: the mean of the teachers' probabilities at temperature T."""
+    student, teachers = logits, list(teacher_logits)
+    if task == "causal-lm":
+        student, labels = next_token(student, labels)
+        teachers = [t[:, :-1] for t in teachers]
+    width = student.shape[-1]
+    if any(t.shape[-1] != width for t in teachers):
+        raise InputError(f"teachers' outputs differ from the model's {width} classes/tokens")
+    scored = (labels != IGNORE).reshape(-1) if task != "classification" else None
+    student = student.reshape(-1, width)
+    teachers = [t.reshape(-1, width) for t in teachers]
+    if scored is not None:
+        if not bool(scored.any()):
+            return student.sum() * 0
+        student, teachers = student[scored], [t[scored] for t in teachers]
+    probs = torch.stack([torch.softmax(t / temperature, -1) for t in teachers]).mean(0)
+    log_student = torch.log_softmax(student / temperature, -1)
+    log_teacher = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+    return (probs * (log_teacher - log_student)).sum(-1).mean()
 
 
 def _epoch_steps(epochs: float | None, per_epoch: int) -> int | None:
@@ -220,14 +272,24 @@ def _write(
                 shutil.copy2(source / name, tmp / name)
         record_file = source / "fusion.json"
         record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-        record["finetune"] = {"config": config.to_dict(), **_run_summary(run)}
+        record["finetune"] = {
+            "config": config.to_dict(),
+            "healing": run.healing,
+            **_run_summary(run),
+        }
         (tmp / "fusion.json").write_text(json.dumps(record, indent=2) + "\n")
         card = (source / "README.md").read_text() if (source / "README.md").is_file() else ""
         card += (
             "\n## Finetune\n"
             f"Finetuned for {run.steps} steps ({run.epochs:g} epochs, {run.seconds:.1f} s, "
             f"stopped by the {run.stopped_by} budget) with AdamW, lr {config.lr:g}, "
-            f"batch size {config.batch_size}, warmup {config.warmup:g} then cosine.\n"
+            f"batch size {config.batch_size}, warmup {config.warmup:g} then cosine"
+            + (
+                f", distilled from the parents' ensemble (weight {config.distill:g}, "
+                f"temperature {config.temperature:g}).\n"
+                if run.healing == "distill"
+                else ".\n"
+            )
         )
         (tmp / "README.md").write_text(card)
         if out.exists():

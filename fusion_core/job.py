@@ -91,8 +91,9 @@ def fuse_job(
       solver points of a fixed recipe (a regularizer sweep).
     - `eval_data`: where parents, ensemble, vanilla, fused (and finetuned) models are
       compared; must differ from the calibration data.
-    - `finetune_config` + `finetune_data`: heal the chosen fusion; `finetune_baselines`
-      ("vanilla") finetunes vanilla fusion with the same budget for comparison.
+    - `finetune_config` + `finetune_data`: heal the chosen fusion (with `distill` > 0, also
+      towards the parents' ensemble); `finetune_baselines` ("vanilla") finetunes vanilla
+      fusion with the same budget for comparison.
     - `names`: the caller's names for the paths it gave (a service's URIs for its scratch
       copies), recorded in every artifact instead of the paths.
     - `extra_metrics`: called with the metrics document just before it is written (once);
@@ -229,6 +230,7 @@ def fuse_job(
                     name=name,
                     progress=say,
                     should_cancel=cancelled,
+                    teachers=model_dirs,  # distillation's teacher: the parents' ensemble
                 )
                 run = result.run
                 run.before = before
@@ -242,7 +244,11 @@ def fuse_job(
                     published = target
                 else:
                     shutil.rmtree(target, ignore_errors=True)
-            finetune_record = {"config": finetune_config.to_dict(), "runs": runs}
+            finetune_record = {
+                "config": finetune_config.to_dict(),
+                "healing": finetune_config.healing(len(model_dirs)),
+                "runs": runs,
+            }
             timings["finetune"] = round(time.perf_counter() - clock - sum(timings.values()), 3)
 
         # 4. artifacts next to the published model, then publish atomically

@@ -94,6 +94,7 @@ class FinetuneRun:
     lr: list[tuple[int, float]]  # (step, learning rate), same steps as losses
     before: dict[str, float] | None = None  # eval metrics before (one-shot)
     after: dict[str, float] | None = None  # eval metrics after
+    healing: str = "plain"  # "plain" (labels) | "distill" (labels + the parents' ensemble)
 
 
 @dataclass
@@ -119,7 +120,7 @@ class Metrics:
     data: dict[str, str | None]  # eval, calib, activations, finetune: paths
     evaluation: list[ModelResult] = field(default_factory=list)
     sweep: Sweep | None = None
-    finetune: dict | None = None  # {"config": {...}, "runs": [FinetuneRun, ...]}
+    finetune: dict | None = None  # {"config": {...}, "healing": str, "runs": [FinetuneRun]}
     plans: list[PlanDiagnostics] = field(default_factory=list)
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> file, relative to --out
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .compat import ModelRoles, canonical_keys, check_attention_policy, check_compatible
 from .contract import as_job_error
-from .errors import FusionError, InputError
+from .errors import InputError
 from .families import Attention, Family, Layer, Merge, Node, Param, axis_spaces, resolve_family
 from .headers import Entry, Folder, Headers, LocalFolder, read_file_header, read_headers
 from .limits import Limits
@@ -131,19 +131,21 @@ def plan(
     limits: Limits | None = None,
     data_tokens: int | None = None,
     costs: CostModel | None = None,
+    fusions: int = 1,
 ) -> PlanReport:
-    """The plan of fusing `folders` with `spec` (validated for their count). Incompatible
+    """The plan of fusing `folders` with `spec` (validated for their count); `fusions`: how
+    many a job runs (a sweep or recipe search fuses once per point). Incompatible
     models give a report with `compatible: false` and the reason; unreadable or oversized
     inputs raise InputError, as the fusion would."""
     spec = spec.validate(len(folders))
-    models = []
+    models, summaries = [], []
     for i, folder in enumerate(folders):
         try:
             models.append(open_headers(i, folder))
             (limits or Limits()).check_sizes(models[-1])
+            summaries.append(_summary(models[-1]))
         except InputError as error:  # a model's own fault: at its place in the job
             raise (error if error.field else error.renamed(f"models.{i}")) from None
-    summaries = [_summary(m) for m in models]
     anchor = models[spec.anchor]
     ordered = [anchor, *[m for m in models if m is not anchor]]
     try:
@@ -175,7 +177,7 @@ def plan(
         graph.fused(),
         graph.spaces(),
         graph.maps(),
-        estimate(graph, spec, costs or CostModel(), data_tokens),
+        estimate(graph, spec, costs or CostModel(), data_tokens, fusions),
     )
 
 
@@ -309,7 +311,7 @@ class Graph:
                     spaces = axis_spaces(tag)
                     if space in spaces:
                         return model.shape(p.name)[axis] // len(spaces)
-        raise FusionError(f"space {space} is on no tensor")
+        raise InputError(f"{model.label}: no tensor holds space {space}")
 
     def map_of(self, space: str) -> str:
         """The map a space uses: shared ones are named after what shares them."""
@@ -572,7 +574,10 @@ def format_report(report: PlanReport) -> str:
         )
         parts = [f"{k} {_gib(v)}" for k, v in est.memory.items() if v >= 1 << 20]
         lines.append("    " + ", ".join(parts))
-        lines.append(f"  time ~{est.seconds:.1f} s")
+        total = ""
+        if est.fusions > 1:
+            total = f" per fusion, ~{est.job_seconds:.0f} s for the job's {est.fusions} fusions"
+        lines.append(f"  time ~{est.seconds:.1f} s{total}")
         parts = [f"{k} {v:.1f} s" for k, v in est.time.items() if v >= 0.05]
         if parts:
             lines.append("    " + ", ".join(parts))
@@ -587,6 +592,7 @@ def local_plan(
     data: str | None = None,
     limits: Limits | None = None,
     costs: CostModel | None = None,
+    fusions: int = 1,
 ) -> PlanReport:
     """The plan of local checkpoint folders (and a local data file's shape)."""
     folders = [LocalFolder(Path(m.removeprefix("file://"))) for m in models]
@@ -594,7 +600,7 @@ def local_plan(
     if data is not None:
         path = Path(data.removeprefix("file://"))
         tokens = data_tokens(LocalFolder(path.parent), path.name, spec.samples)
-    return plan(folders, spec, limits, tokens, costs)
+    return plan(folders, spec, limits, tokens, costs, fusions)
 
 
 def data_tokens(folder: Folder, name: str, samples: int) -> int | None:

@@ -11,14 +11,20 @@ Memory, on the host (and on the GPU for cuda):
                         and fused on the host; vocabulary tables in row blocks when the
                         engine does so
   + plans               per non-anchor model n_model x n_anchor float32 for the maps alive at
-                        once (the plan and its normalized maps: PLAN_COPIES when soft)
-  + solver              the largest Sinkhorn problem's temporaries (cost, kernel, scaled)
+                        once (the plan, and for a soft plan its normalized map per role)
+  + solver              the problem solved in that step: Sinkhorn's cost, scaled cost and
+                        kernel (SOLVER_COPIES; the plan is made in the kernel), or exact OT's
+                        cost and dense permutation plan
   + output buffer       fused bytes held before they are written (the whole model for the
                         in-memory engine; the streaming one writes rows in place)
   + activations         calibration activations held (activation alignment, weighted merges)
 
-Time = bytes read / READ_BANDWIDTH + bytes written / WRITE_BANDWIDTH + float32 passes over
-every tensor / MEMORY_BANDWIDTH + flops of cost matrices (2 n_m n_a F) and plan products
+Memory is a timeline: the peak is the largest sum over the steps of the walk of what is held
+then (plans so far or alive, output so far, the step, its solver).
+
+Time = PREPARE_SECONDS + bytes read / READ_BANDWIDTH + bytes written / WRITE_BANDWIDTH
++ float32 passes over every tensor / MEMORY_BANDWIDTH + flops of cost matrices (2 n_m n_a F)
+and plan products
 (dense soft plans: 2 n_a per element; hard plans: gathers, as memory passes) / the device's
 flop rate + solver time (Sinkhorn: SINKHORN_PASSES passes over each n_m x n_a kernel; EMD: the
 assignment's n^3 worst case) + forward passes for activations.
@@ -90,26 +96,32 @@ STREAMING = EngineProfile(
 )
 
 
+# The engine this code runs (issue 9's streaming engine): the cost model describes it by
+# default; CURRENT stays to describe the in-memory engine it replaced.
+ENGINE = STREAMING
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Calibrated constants (bench/plan_check.py on the 2-core development machine; GPU
     figures from the H100's data sheet until measured there)."""
 
-    engine: EngineProfile = STREAMING  # the engine fusion_core runs (issue 9's streaming)
+    engine: EngineProfile = ENGINE
     # memory
     baseline_bytes: float = 520 * MIB  # python + torch + transformers + fusion_core, measured
     cuda_host_bytes: float = 1.5 * (1 << 30)  # the CUDA context's host memory (libraries)
     cuda_device_bytes: float = 0.5 * (1 << 30)  # the CUDA context on the device
     work_copies: float = 2.5  # float32 copies of a step's tensors alive at once (measured)
-    solver_copies: float = 4.0  # Sinkhorn's cost, scaled cost, kernel and a temporary
+    solver_copies: float = 3.0  # Sinkhorn's cost, scaled cost and kernel (the plan, in place)
     # time, CPU
     cpu_flops: float = 170e9  # float32 GEMM on 2 idle cores (measured 177e9: CPU s / threads)
-    read_bandwidth: float = 3e9  # safetensors from page cache to tensors, bytes/s
+    read_bandwidth: float = 2e9  # positioned reads from page cache, checked, to float32
+    prepare_seconds: float = 1.0  # opening parents, the config-vs-tensors check (meta model)
     write_bandwidth: float = 0.8e9  # safetensors serialization and write, bytes/s
     memory_bandwidth: float = 8.5e9  # float32 elementwise passes, bytes/s (measured 8.8e9)
     elementwise_passes: float = 6.0  # convert, scale, add, convert back... per tensor element
     sinkhorn_passes: float = 30.0  # passes over an n x m kernel (measured 19-33)
-    emd_seconds_per_n3: float = 1e-11  # LAPJV (lapx): 0.2-0.3 s at 3072^2, one core
+    emd_seconds_per_n3: float = 1.5e-11  # LAPJV (lapx): 0.3-0.45 s on random-init 3072^2 costs
     # time, CUDA (data sheet: fp32 without TF32, HBM, PCIe 4; launch-bound solver loops)
     cuda_flops: float = 40e12
     cuda_memory_bandwidth: float = 1.5e12
@@ -124,15 +136,21 @@ class Estimate:
     engine: str
     host_peak_bytes: int
     device_peak_bytes: int | None  # cuda only
-    seconds: float
+    seconds: float  # one fusion
     memory: dict[str, int] = field(default_factory=dict)  # the parts of the peak
     time: dict[str, float] = field(default_factory=dict)
     flops: float = 0.0
     notes: list[str] = field(default_factory=list)
+    fusions: int = 1  # fusions the job runs (a sweep or recipe search: one per point)
+    job_seconds: float = 0.0  # all of them
 
 
 def estimate(
-    graph: Graph, spec: FusionSpec, costs: CostModel, data_tokens: int | None = None
+    graph: Graph,
+    spec: FusionSpec,
+    costs: CostModel,
+    data_tokens: int | None = None,
+    fusions: int = 1,
 ) -> Estimate:
     engine = costs.engine
     cuda = spec.device.startswith("cuda")
@@ -140,10 +158,14 @@ def estimate(
     notes: list[str] = []
 
     # -- memory along the walk: at each step, what is held then -------------------------------
+    # a block-wise average: every tensor alone, in row blocks (vanilla without plans)
+    averaging = not graph.ot and not engine.vanilla_plans and bool(engine.row_block_bytes)
+
     def rows(p, shape) -> int:
         """Elements of a tensor processed at once (vocabulary tables in row blocks)."""
         numel = math.prod(shape)
-        if engine.row_block_bytes and p.axes and p.axes[0] is None and len(shape) > 1:
+        untransported = p.axes and p.axes[0] is None
+        if engine.row_block_bytes and (untransported or averaging) and len(shape) > 1:
             per_row = numel // max(shape[0], 1)
             return min(numel, max(1, engine.row_block_bytes // (4 * per_row)) * per_row)
         return numel
@@ -160,10 +182,14 @@ def estimate(
         return copies * sum(4 * a * b for a, b in m.shapes)
 
     def solver_bytes(m) -> float:
-        """Sinkhorn's temporaries while it solves `m` (float64 for small problems on CPU)."""
-        if not sinkhorn or m.how not in ("ot", "heads"):
+        """The solver's memory while it solves `m`: Sinkhorn's copies (float64 for small
+        problems on CPU); exact OT's cost and dense plan (an assignment, float32), or POT's
+        float64 cost and plan for rectangular problems."""
+        if not graph.ot or m.how not in ("ot", "heads"):
             return 0.0
         entries = max(a * b for a, b in m.shapes) / (graph.heads_of(m) if m.how == "heads" else 1)
+        if not sinkhorn:
+            return entries * (8 if all(a == b for a, b in m.shapes) else 20)
         return costs.solver_copies * entries * (8 if entries <= 4_000_000 and not cuda else 4)
 
     # the shared residual stream (weights): its features, solved before the walk
@@ -199,6 +225,7 @@ def estimate(
     for at, end, params in graph.steps():
         stored = f32 = out = 0
         for p in params:
+            f32_param = 0
             for m in models:
                 if m.has(p.name):
                     entry = m.entry(p.name)
@@ -206,7 +233,8 @@ def estimate(
                     read_so_far += entry.nbytes
                     if cuda:  # on CPU the stored copy is freed as it is converted
                         stored += n * DTYPE_BYTES[entry.dtype]
-                    f32 += 4 * n
+                    f32_param += 4 * n
+            f32 = max(f32, f32_param) if averaging else f32 + f32_param
             entry = anchor.entry(p.name)
             out_so_far += entry.nbytes
             if cuda:  # the fused rows back on the host, before they are written
@@ -214,10 +242,11 @@ def estimate(
         alive = [
             m for m in maps if m.live[0] <= end and (not engine.plans_freed or m.live[1] >= at)
         ]
-        solving = [solver_bytes(m) for m in maps if at <= m.live[0] <= end]
+        # a plan solved in this step lives in the solver's kernel until it is applied
+        solving = [m for m in maps if at <= m.live[0] <= end and solver_bytes(m)]
         held = {
-            "plans": sum(plan_bytes(m) for m in alive),
-            "solver": max(solving, default=0.0),
+            "plans": sum(plan_bytes(m) for m in alive if m not in solving),
+            "solver": max((solver_bytes(m) for m in solving), default=0.0),
             "activations": acts,
             "step": costs.work_copies * f32,
         }
@@ -290,6 +319,7 @@ def estimate(
         forward_flops = sum(2 * m.parameter_count * tokens for m in models)
     flops = passes * (cost_flops + product_flops) + forward_flops
     time = {
+        "prepare": costs.prepare_seconds,
         "read": passes * read / costs.read_bandwidth,
         "write": fused / costs.write_bandwidth,
         "elementwise": passes
@@ -312,4 +342,6 @@ def estimate(
         time={k: round(v, 3) for k, v in time.items()},
         flops=flops,
         notes=notes,
+        fusions=fusions,
+        job_seconds=sum(time.values()) * fusions,
     )

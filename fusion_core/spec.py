@@ -16,6 +16,7 @@ Solver = Literal["emd", "sinkhorn"]
 Residual = Literal["average", "weighted-scalar", "weighted-matrix", "identity", "shared"]
 QK = Literal["tied", "free"]
 Heads = Literal["matched", "cross"]
+Rectangular = Literal["rms", "mass", "width"]
 
 # The choices, defined once by the types above (the CLI's choices, the job spec's enums).
 METHODS: tuple[str, ...] = get_args(Method)
@@ -24,6 +25,7 @@ SOLVERS: tuple[str, ...] = get_args(Solver)
 RESIDUALS: tuple[str, ...] = get_args(Residual)
 QK_MODES: tuple[str, ...] = get_args(QK)
 HEAD_MODES: tuple[str, ...] = get_args(Heads)
+RECTANGULAR: tuple[str, ...] = get_args(Rectangular)
 _WINDOW = re.compile(r"^window-(\d+)$")
 
 
@@ -38,6 +40,8 @@ class FusionSpec:
     qk: QK = "tied"
     heads: Heads = "matched"  # matched: heads one-to-one; cross: the paper's cross-head pool
     anchor: int = 0
+    # maps of plans between different widths: see docs/fusion.md "Heterogeneous widths"
+    rectangular: Rectangular = "rms"
     weights: tuple[float, ...] | None = None
     samples: int = 200  # examples drawn from the data file for activations
     max_tokens: int = 16384  # tokens kept per activation tap (a seeded subset)
@@ -52,6 +56,7 @@ class FusionSpec:
         _choice("residual", self.residual, RESIDUALS)
         _choice("qk", self.qk, QK_MODES)
         _choice("heads", self.heads, HEAD_MODES)
+        _choice("rectangular", self.rectangular, RECTANGULAR)
         if self.filter not in ("all", "cls") and not _WINDOW.match(self.filter):
             raise InputError(f"must be all, cls or window-N, not {self.filter!r}", field="filter")
         if num_models < 2:
@@ -127,6 +132,10 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     device: str | None = None  # None: the job's device (fuse_job), else cpu
+    # Distillation from the teachers' ensemble (a job's parents): loss = (1 - distill) *
+    # CE(labels) + distill * T^2 * KL(teacher_T || student_T); 0, or no teachers: plain.
+    distill: float = 0.9
+    temperature: float = 4.0
 
     def validate(self) -> FinetuneConfig:
         if self.steps is None and self.epochs is None and self.seconds is None:
@@ -147,7 +156,20 @@ class FinetuneConfig:
             raise InputError(
                 f"warmup must be a fraction in [0, 1), not {self.warmup}", field="warmup"
             )
+        if not (math.isfinite(self.distill) and 0 <= self.distill <= 1):
+            raise InputError(
+                f"distill must be a weight in [0, 1], not {self.distill}", field="distill"
+            )
+        if not (math.isfinite(self.temperature) and 0 < self.temperature <= 100):
+            raise InputError(
+                f"temperature must be in (0, 100], not {self.temperature}", field="temperature"
+            )
         return self
+
+    def healing(self, teachers: int) -> str:
+        """What a run with that many teachers optimizes: "plain" (labels) or "distill"
+        (labels and the teachers' ensemble)."""
+        return "distill" if self.distill > 0 and teachers > 0 else "plain"
 
     def to_dict(self) -> dict:
         return asdict(self)

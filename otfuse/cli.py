@@ -14,7 +14,15 @@ from pathlib import Path
 
 from fusion_core.contract import DEFAULT_REG, Finetune, Policy
 from fusion_core.errors import InputError
-from fusion_core.spec import ALIGNMENTS, HEAD_MODES, METHODS, QK_MODES, RESIDUALS, SOLVERS
+from fusion_core.spec import (
+    ALIGNMENTS,
+    HEAD_MODES,
+    METHODS,
+    QK_MODES,
+    RECTANGULAR,
+    RESIDUALS,
+    SOLVERS,
+)
 
 from .service_cli import HANDLERS as SERVICE_HANDLERS
 from .service_cli import add_commands as add_service_commands
@@ -101,6 +109,14 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
         "grouped-query attention), dimensions aligned inside pairs; cross: the paper's "
         "cross-head alignment over all heads' dimensions (not for rotary models); given, it "
         "pins a search to it",
+    )
+    parser.add_argument(
+        "--rectangular",
+        choices=RECTANGULAR,
+        default=POLICY.rectangular,
+        help="maps between different widths: rms (default) keeps each anchor neuron's RMS "
+        "and the attention temperature; mass: plain averages; width: the paper code's "
+        "n_model/n_anchor on outputs",
     )
     parser.add_argument(
         "--anchor",
@@ -253,6 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"finetune batch size ({FINETUNE.batch_size})",
     )
     job.add_argument(
+        "--distill",
+        type=_float_or_fail,
+        default=FINETUNE.distill,
+        metavar="ALPHA",
+        help="finetune: weight of distillation from the parents' ensemble, in [0, 1] "
+        f"(loss = (1 - ALPHA) CE + ALPHA T^2 KL; default {FINETUNE.distill:g}; 0 = plain "
+        "finetuning)",
+    )
+    job.add_argument(
+        "--temperature",
+        type=_float_or_fail,
+        default=FINETUNE.temperature,
+        help=f"finetune: distillation temperature ({FINETUNE.temperature:g})",
+    )
+    job.add_argument(
         "--save-transport-maps",
         action="store_true",
         help="write the per-layer plans to --out/transport_maps.safetensors",
@@ -276,11 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     planner.add_argument("models", nargs="+", metavar="MODEL_DIR", help="checkpoint folders (≥ 2)")
     add_recipe_flags(planner)
+    planner.add_argument(
+        "--calib-data",
+        type=Path,
+        metavar="FILE",
+        help="the calibration data of a sweep or search (the plan counts its fusions)",
+    )
+    planner.add_argument(
+        "--eval-data", type=Path, metavar="FILE", help="as for fuse (checked, not read)"
+    )
     planner.add_argument("--json", action="store_true", help="the plan as JSON on stdout")
     planner.set_defaults(
         out=None,
-        eval_data=None,
-        calib_data=None,
         finetune_data=None,
         finetune_steps=None,
         finetune_epochs=None,
@@ -347,6 +385,7 @@ FLAGS = {
     "policy.filter": "--filter",
     "policy.qk": "--qk",
     "policy.heads": "--heads",
+    "policy.rectangular": "--rectangular",
     "policy.samples": "--samples",
     "policy.device": "--device",
     "regularizer": "--reg",
@@ -361,6 +400,8 @@ FLAGS = {
     "finetune.seconds": "--finetune-seconds",
     "finetune.lr": "--lr",
     "finetune.batch_size": "--batch-size",
+    "finetune.distill": "--distill",
+    "finetune.temperature": "--temperature",
     "finetune.baselines": "--finetune-baselines",
     "artifacts.transport_maps": "--save-transport-maps",
     "artifacts.report": "--report",
@@ -395,6 +436,8 @@ def job_spec(args: argparse.Namespace):
             "seconds": args.finetune_seconds,
             "lr": args.lr,
             "batch_size": args.batch_size,
+            "distill": args.distill,
+            "temperature": args.temperature,
             "baselines": args.finetune_baselines,
         }
         if all(v is None for v in budget) and args.finetune_data is not None:
@@ -402,6 +445,7 @@ def job_spec(args: argparse.Namespace):
     policy = {
         "filter": args.filter,
         "qk": args.qk,
+        "rectangular": args.rectangular,
         "samples": args.samples,
         "device": args.device,
         "search_budget": args.search_budget,
@@ -578,14 +622,15 @@ def _summary(metrics: dict) -> str:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from fusion_core.contract import fusion_spec, validate_job
+    from fusion_core.contract import fusion_spec, search_space, validate_job
     from fusion_core.plan import local_plan, plan_device
 
     spec = validate_job(job_spec(args))
     if any(m.startswith("hf://") for m in spec.models):
         raise InputError("plan reads local folders; fetch hf:// models first", "models")
     recipe = fusion_spec(spec, plan_device(spec.policy.device))
-    report = local_plan(spec.models, recipe, spec.data.activations)
+    fusions = search_space(spec).planned(len(spec.models))
+    report = local_plan(spec.models, recipe, spec.data.activations, fusions=fusions)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

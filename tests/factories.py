@@ -270,6 +270,41 @@ def widened_copy(model: torch.nn.Module) -> torch.nn.Module:
     return wide
 
 
+def widened_vit_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A ViT computing the same function at twice the hidden and MLP widths: every stream,
+    MLP and attention neuron duplicated (LayerNorm's mean and variance do not change; the
+    heads stay, so head_dim doubles), weights reading a duplicated axis halved, and queries
+    scaled by 1/sqrt(2): q.k sums twice the terms and is divided by sqrt(2 head_dim)."""
+    config = model.config.to_dict()
+    config.update(
+        hidden_size=2 * model.config.hidden_size,
+        intermediate_size=2 * model.config.intermediate_size,
+    )
+    wide = type(model)(type(model.config).from_dict(config)).eval()
+
+    def twice(tensor, *axes, reads=None):
+        for axis in axes:
+            tensor = tensor.repeat_interleave(2, dim=axis)
+        return tensor / 2 if reads is not None else tensor
+
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key.endswith("classifier.bias"):
+            state[key] = tensor
+        elif key.endswith("classifier.weight"):
+            state[key] = twice(tensor, 1, reads=1)
+        elif key.endswith(("cls_token", "position_embeddings")):
+            state[key] = twice(tensor, 2)
+        elif tensor.ndim == 2 and "embeddings" not in key:
+            state[key] = twice(tensor, 0, 1, reads=1)  # every linear: outputs and inputs
+        else:
+            state[key] = twice(tensor, 0)  # biases, LayerNorms, the patch projection: outputs
+        if "q_proj" in key:
+            state[key] = state[key] / 2**0.5
+    wide.load_state_dict(state)
+    return wide
+
+
 def _permute_gpt2(state: _State, config, gen: torch.Generator) -> None:
     hidden, heads = config.n_embd, config.n_head
     head_dim = hidden // heads

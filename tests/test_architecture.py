@@ -77,3 +77,36 @@ def test_an_upward_import_is_caught(package, line):
 def test_every_package_is_covered():
     packages = {p.parent.name for p in Path(REPO).glob("*/__init__.py")}
     assert packages - {"tests"} == set(FORBIDDEN) | {"otfuse"}
+
+
+TORCH_FREE = ("fusion_core.plan", "fusion_core.plan_costs", "fusion_core.headers")
+
+
+def test_the_planner_imports_and_plans_without_torch(tmp_path):
+    """The API plans jobs without torch, numpy or safetensors: with them made unimportable,
+    the planner's modules import and plan two checkpoints from their headers."""
+    import subprocess
+    import sys
+
+    from factories import save, tiny_bert
+
+    folders = [str(save(tiny_bert(seed=s), tmp_path / f"m{s}")) for s in (0, 1)]
+    code = f"""
+import importlib.abc, sys
+BLOCKED = {{"torch", "transformers", "safetensors", "scipy", "ot", "numpy", "lap", "sklearn"}}
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"the planner imported {{name}}")
+sys.meta_path.insert(0, Blocker())
+import {", ".join(TORCH_FREE)}, adapters.planning
+from fusion_core.plan import local_plan
+from fusion_core.spec import FusionSpec
+report = local_plan({folders!r}, FusionSpec())
+assert report.compatible and report.estimate.host_peak_bytes > 0, report
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

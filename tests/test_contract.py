@@ -68,6 +68,16 @@ CASES = [
         ["--finetune-steps", "5", "--lr", "5", "--finetune-data", D],
     ),
     (
+        "finetune.distill",
+        {"finetune": {"steps": 5, "distill": 1.5}, "data": {"finetune": D}},
+        ["--finetune-steps", "5", "--distill", "1.5", "--finetune-data", D],
+    ),
+    (
+        "finetune.temperature",
+        {"finetune": {"steps": 5, "distill": 0.5, "temperature": 0}, "data": {"finetune": D}},
+        ["--finetune-steps", "5", "--distill", "0.5", "--temperature", "0", "--finetune-data", D],
+    ),
+    (
         "finetune.steps",
         {"finetune": {"steps": 0}, "data": {"finetune": D}},
         ["--finetune-steps", "0", "--finetune-data", D],
@@ -226,3 +236,42 @@ print("ok")
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_policy_defaults_and_pinned_flags(world, tmp_path):
+    """With calibration data and no policy the job searches; without, it runs the fixed
+    recipe; a flag given (or a spec field) pins its axis, the same from the CLI and JSON."""
+    from fusion_core.contract import AUTO_REGS, Point, parse_job, search_space
+    from otfuse.cli import build_parser, job_spec
+
+    def cli(*flags):
+        args = build_parser().parse_args(
+            ["fuse", *map(str, world["models"]), "--out", str(tmp_path / "o"), *flags]
+        )
+        return search_space(job_spec(args))
+
+    calib = ["--calib-data", world["data"]]
+    assert cli().mode == "fixed" and cli().points == (Point("sinkhorn", 0.05),)
+    auto = cli(*calib)
+    assert auto.mode == "auto" and auto.anchors is None
+    assert auto.alignments == ("weights", "activations") and len(auto.points) == 6
+    assert auto.residuals == ("average", "shared", "weighted-scalar")
+    pinned = cli(*calib, "--solver", "emd", "--residual", "shared", "--anchor", "1")
+    assert pinned.points == (Point("emd"),) and pinned.residuals == ("shared",)
+    assert pinned.anchors == (1,) and pinned.heads == ("matched", "cross")
+    assert cli(*calib, "--solver", "sinkhorn").points == tuple(
+        Point("sinkhorn", r) for r in AUTO_REGS
+    )
+    assert cli(*calib, "--reg", "0.01").points == (Point("sinkhorn", 0.01),)
+    assert cli(*calib, "--policy", "fixed").mode == "fixed"
+    listed = cli(*calib, "--policy", '[{"reg": 0.1}, {"solver": "emd", "anchor": 1}]')
+    assert [(r.solver, r.reg, r.anchor) for r in listed.recipes] == [
+        ("sinkhorn", 0.1, 0),
+        ("emd", None, 1),
+    ]
+    # the JSON spec: the same rules
+    models = [f"file://{m}" for m in world["models"]]
+    data = {"calibration": f"file://{world['data']}"}
+    spec = parse_job({"models": models, "policy": {"heads": "cross"}, "data": data})
+    assert search_space(spec).heads == ("cross",) and search_space(spec).mode == "auto"
+    assert search_space(parse_job({"models": models, "policy": "auto", "data": data})).is_search

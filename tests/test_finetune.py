@@ -10,7 +10,7 @@ import transformers
 from factories import image_data, save, text_data, tiny_bert, tiny_decoder, tiny_vit
 from safetensors.torch import load_file, save_file
 
-from fusion_core import CancelledError, FusionSpec, evaluate
+from fusion_core import CancelledError, FusionSpec, InputError, evaluate
 from fusion_core.finetune import FinetuneConfig, finetune, lr_factor
 from fusion_core.job import fuse_job
 
@@ -147,3 +147,73 @@ def test_bf16_causal_lm_finetune_learns_and_stays_bf16(tmp_path):
     assert evaluate(tmp_path / "ft", data)["loss"] < before - 0.5
     stored = load_file(str(tmp_path / "ft" / "model.safetensors"))
     assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+
+
+def _teacher_kl(model_dir, teachers, data, task="classification", temperature=1.0) -> float:
+    """KL(ensemble of the teachers || model) on a data file, as the finetune computes it."""
+    from fusion_core.finetune import teacher_kl
+
+    batch = {k: v for k, v in load_file(str(data)).items() if k != "labels"}
+    labels = load_file(str(data)).get("labels")
+
+    def logits(folder):
+        config = json.loads((folder / "config.json").read_text())
+        model = getattr(transformers, config["architectures"][0]).from_pretrained(str(folder))
+        with torch.no_grad():
+            return model.eval()(**batch).logits
+
+    if labels is None:  # a causal LM scores its next tokens
+        labels = batch["input_ids"]
+    kl = teacher_kl(logits(model_dir), [logits(t) for t in teachers], labels, task, temperature)
+    return float(kl)
+
+
+def test_distillation_brings_the_model_closer_to_the_parents_ensemble(train, tmp_path):
+    """Same steps, same data order: the distilled model ends closer (in KL) to the teachers'
+    ensemble than it started, and closer than the plainly finetuned one; the run records its
+    healing mode."""
+    student = save(tiny_vit(seed=1), tmp_path / "student")
+    teachers = [save(tiny_vit(seed=s), tmp_path / f"teacher{s}") for s in (2, 3)]
+    before = _teacher_kl(student, teachers, train)
+    base = dict(steps=40, lr=3e-3, batch_size=16)
+    plain = finetune(
+        student, train, tmp_path / "plain", FinetuneConfig(**base, distill=0), teachers=teachers
+    )
+    taught = finetune(
+        student,
+        train,
+        tmp_path / "distilled",
+        FinetuneConfig(**base, distill=0.9, temperature=2.0),
+        teachers=teachers,
+    )
+    assert (plain.run.healing, taught.run.healing) == ("plain", "distill")
+    distilled = _teacher_kl(tmp_path / "distilled", teachers, train)
+    assert distilled < 0.5 * before
+    assert distilled < 0.5 * _teacher_kl(tmp_path / "plain", teachers, train)
+    record = json.loads((tmp_path / "distilled" / "fusion.json").read_text())
+    assert record["finetune"]["healing"] == "distill"
+    assert record["finetune"]["config"]["distill"] == 0.9
+
+
+def test_causal_lm_distillation_is_token_level(tmp_path):
+    student = save(tiny_decoder(seed=1), tmp_path / "student")
+    teachers = [save(tiny_decoder(seed=s), tmp_path / f"teacher{s}") for s in (2, 3)]
+    data = text_data(tmp_path / "d.safetensors", labels=False)
+    before = _teacher_kl(student, teachers, data, "causal-lm")
+    config = FinetuneConfig(steps=30, lr=3e-3, batch_size=8, distill=1.0, temperature=1.0)
+    finetune(student, data, tmp_path / "distilled", config, teachers=teachers)
+    assert _teacher_kl(tmp_path / "distilled", teachers, data, "causal-lm") < 0.5 * before
+
+
+def test_without_teachers_the_finetune_is_plain(vit, train, tmp_path):
+    result = finetune(vit, train, tmp_path / "ft", FinetuneConfig(steps=2, distill=0.5))
+    assert result.run.healing == "plain"
+    record = json.loads((tmp_path / "ft" / "fusion.json").read_text())
+    assert record["finetune"]["healing"] == "plain"
+
+
+@pytest.mark.parametrize("field,value", [("distill", -0.1), ("distill", 1.5), ("temperature", 0)])
+def test_bad_distillation_settings_name_their_field(field, value):
+    with pytest.raises(InputError) as error:
+        FinetuneConfig(steps=1, **{field: value}).validate()
+    assert error.value.field == field

@@ -15,6 +15,7 @@ from factories import (
     tiny_decoder,
     tiny_vit,
     widened_copy,
+    widened_vit_copy,
 )
 from safetensors.torch import load_file
 
@@ -118,4 +119,36 @@ def test_a_neuron_duplicated_wide_llama_fuses_into_the_narrow_function(tmp_path,
     fused = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "fused")).eval()
     with torch.no_grad():
         got = fused(**batch).logits
+    assert float((got - expected).norm() / expected.norm()) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "alignment,residual",
+    [("activations", "shared"), ("weights", "shared"), ("activations", "average")],
+)
+def test_a_neuron_duplicated_wide_vit_fuses_into_the_narrow_function(tmp_path, alignment, residual):
+    """The narrow anchor (hidden 16, MLP 32, 2 heads) and a wide copy of it (every neuron
+    duplicated, consuming weights halved, head_dim doubled) compute one function, and so
+    must their fusion under the `rms` convention: the RMS-preserving scale is exactly 1 for
+    copies of one neuron, and the attention temperature makes up for the head_dim."""
+    narrow = tiny_vit(hidden=16, intermediate=32, heads=2, seed=1)
+    wide = widened_vit_copy(narrow)
+    data = image_data(tmp_path / "d.safetensors")
+    pixels = load_file(str(data))["pixel_values"]
+    with torch.no_grad():
+        expected = narrow(pixel_values=pixels).logits
+        torch.testing.assert_close(wide(pixel_values=pixels).logits, expected, atol=1e-5, rtol=1e-5)
+    folders = [save(narrow, tmp_path / "narrow"), save(wide, tmp_path / "wide")]
+    spec = FusionSpec(
+        device=DEVICE,
+        solver="emd",
+        alignment=alignment,
+        residual=residual,
+        heads="cross",
+        rectangular="rms",
+    )
+    fuse(folders, tmp_path / "fused", spec, data=data)
+    fused = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "fused"))
+    with torch.no_grad():
+        got = fused.eval()(pixel_values=pixels).logits
     assert float((got - expected).norm() / expected.norm()) < 1e-4

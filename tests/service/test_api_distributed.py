@@ -76,6 +76,8 @@ def keys(s3, bucket, prefix) -> list[str]:
 def test_distributed_end_to_end(api, stack, tmp_path):
     spec = body(name="e2e", regularizer=[0.05, "emd"], artifacts={"report": True})
     spec["data"]["calibration"] = f"s3://{MODELS}/data/calib.safetensors"
+    # calibration data: a recipe search, as short as the 2-point sweep this test ran before
+    spec["policy"] = {"alignment": "weights", "residual": "average", "search_budget": 2}
     response = api.post("/fusions", json=spec, headers=ALICE)
     assert response.status_code == 202, response.text
     job = wait_done(api, response.json()["id"])
@@ -108,6 +110,7 @@ def test_distributed_end_to_end(api, stack, tmp_path):
     assert metrics["models"] == [f"s3://{MODELS}/vit-0", f"s3://{MODELS}/vit-1"]
     assert metrics["sweep"]["selected_on"] == spec["data"]["calibration"]
     assert job["result"]["chosen"] == metrics["sweep"]["chosen"]
+    assert metrics["sweep"]["mode"] == "auto" and len(metrics["sweep"]["points"]) == 2
     assert job["result"]["report_uri"] == f"s3://{BUCKET}/{prefix}report.html"
     report = httpx.get(job["result"]["urls"]["report.html"]).text
     assert "data:image/png;base64," in report and "otfuse-" not in report

@@ -65,3 +65,41 @@ def test_a_cuda_job_above_the_worker_s_gpu_is_refused(tmp_path, parents):
         assert "GiB of GPU memory" in detail and "policy.device cpu" in detail, detail
         plan = client.post("/fusions:plan", json=spec(parents, policy={"device": "cpu"}))
         assert plan.status_code == 200 and plan.json()["estimate"]["device_peak_bytes"] is None
+
+
+def test_plan_reads_only_headers_from_s3(s3_endpoint, parents, monkeypatch):
+    """On S3 a plan lists the prefix and fetches config.json and the safetensors header with
+    ranged GETs: far fewer bytes than the checkpoint holds."""
+    import boto3
+    from helpers import MODELS, seed_buckets
+
+    from adapters.planning import plan_spec
+    from adapters.settings import Settings
+    from adapters.storage import S3Backend, Storage
+    from fusion_core.contract import JobSpec
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    seed_buckets(s3, parents)
+    settings = Settings(
+        s3_endpoint_url=s3_endpoint, allowed_buckets=[MODELS], api_keys={"key-alice": "alice"}
+    )
+    fetched = []
+    read_range = S3Backend.read_range
+
+    def counted(self, uri, file, start, length):
+        data = read_range(self, uri, file, start, length)
+        fetched.append(len(data))
+        return data
+
+    monkeypatch.setattr(S3Backend, "read_range", counted)
+    spec = JobSpec(models=[f"s3://{MODELS}/vit-0/", f"s3://{MODELS}/vit-1/"])
+    report = plan_spec(spec, settings, Storage(settings), "alice")
+    assert report.compatible and report.models[0].path == f"s3://{MODELS}/vit-0/"
+    total = sum(m.file_bytes for m in report.models)
+    assert 0 < sum(fetched) < total / 4, (fetched, total)
