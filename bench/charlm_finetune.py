@@ -109,7 +109,7 @@ def main() -> None:
     torch.set_num_threads(1)
     args.workdir.mkdir(parents=True, exist_ok=True)
     files = data_files(args.workdir)
-    config = FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=32, device="cpu")
+    config = FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=32, device="cpu", distill=0.0)
     results = []
     for k in range(args.pairs):
         models = [

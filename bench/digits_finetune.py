@@ -122,7 +122,7 @@ def curve(workdir: Path, key: str, models: list[Path], budgets: list[int], lr: f
         for name, start in starts.items():
             target = workdir / f"ft-{key}-{name}-{steps}"
             shutil.rmtree(target, ignore_errors=True)
-            config = FinetuneConfig(steps=steps, lr=lr, batch_size=64)
+            config = FinetuneConfig(steps=steps, lr=lr, batch_size=64, distill=0.0)
             finetune(start, workdir / "train.safetensors", target, config)
             point[name] = evaluate(target, workdir / "test.safetensors")
             shutil.rmtree(target, ignore_errors=True)
@@ -186,7 +186,8 @@ def main() -> None:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     folders = parents(args.workdir, args.epochs)
-    config = FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=64)
+    # plain finetuning, as documented (bench/healing.py compares it with distillation)
+    config = FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=64, distill=0.0)
     seeds = [folders[f"seed{s}"] for s in range(5)]
     tables = {
         "2": ("2 models (anchor seed 0)", seeds[:2]),

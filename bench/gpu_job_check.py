@@ -72,7 +72,7 @@ def digits_job(workdir: Path, steps: int, lr: float) -> None:
         data=workdir / "calib.safetensors",
         eval_data=workdir / "test.safetensors",
         calib_data=workdir / "calib.safetensors",
-        finetune_config=FinetuneConfig(steps=steps, lr=lr, batch_size=64),
+        finetune_config=FinetuneConfig(steps=steps, lr=lr, batch_size=64, distill=0.0),
         finetune_data=workdir / "train.safetensors",
         finetune_baselines=["vanilla"],
     )

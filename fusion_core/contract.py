@@ -374,15 +374,19 @@ class Finetune(Strict):
     weight_decay: float = Field(0.01, ge=0, le=1)
     seed: int = Field(0, ge=0, le=2**31 - 1, description="data order (and MLM masking)")
     distill: float = Field(
-        0.0,
+        FinetuneConfig.distill,
         ge=0,
         le=1,
         description="weight of distillation from the parents' ensemble (the mean of their "
         "probabilities): loss = (1 - distill) * CE(labels) + distill * T^2 * KL(teacher_T || "
-        "model_T); 0 = plain finetuning",
+        "model_T); 0 = plain finetuning (docs/evaluation.md: the default wins on "
+        "heterogeneous fusions and ties on same-width ones)",
     )
     temperature: float = Field(
-        2.0, gt=0, le=100, description="distillation temperature T (with distill > 0)"
+        FinetuneConfig.temperature,
+        gt=0,
+        le=100,
+        description="distillation temperature T (with distill > 0)",
     )
     baselines: list[Literal["vanilla"]] = Field(
         default_factory=list,

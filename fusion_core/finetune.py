@@ -74,13 +74,11 @@ def finetune(
     data without labels is masked afresh each step; a causal LM learns its next tokens, the
     inputs unless labels say otherwise) and write it to `out` atomically.
 
-    With `config.distill` > 0 the loss also pulls the model towards the ensemble of the
-    `teachers` (checkpoint folders, the parents of a fusion: the mean of their probabilities
-    at `config.temperature`), on the tokens the labels score; their logits are computed batch
-    by batch, under no_grad."""
+    With `teachers` (checkpoint folders, the parents of a fusion) and `config.distill` > 0
+    the loss also pulls the model towards their ensemble (the mean of their probabilities at
+    `config.temperature`), on the tokens the labels score; their logits are computed batch
+    by batch, under no_grad. Without teachers the finetune is plain."""
     config = (config or FinetuneConfig()).validate()
-    if config.distill > 0 and not teachers:
-        raise InputError("distillation needs teachers (the parents' folders)", field="distill")
     out = Path(out)
     check_output_dir(out)
     report = progress or (lambda _p: None)
@@ -102,7 +100,7 @@ def finetune(
     model = load_live_model(model_dir, architecture, str(device))
     teacher_models = []
     if config.distill > 0:
-        for teacher in teachers:
+        for teacher in teachers:  # none: plain
             teacher_arch = resolve_family(open_checkpoint(Path(teacher)).config)[1]
             if task_of(teacher_arch) != task:
                 raise InputError(f"{teacher}: a {teacher_arch} cannot teach a {architecture}")
@@ -208,7 +206,7 @@ def finetune(
         stopped_by,
         _thin(losses),
         _thin(lrs),
-        healing=config.healing,
+        healing=config.healing(len(teacher_models)),
     )
     if cancelled():
         raise CancelledError(f"finetune of the {name} model cancelled")
@@ -289,7 +287,7 @@ def _write(
             + (
                 f", distilled from the parents' ensemble (weight {config.distill:g}, "
                 f"temperature {config.temperature:g}).\n"
-                if config.distill > 0
+                if run.healing == "distill"
                 else ".\n"
             )
         )

@@ -246,7 +246,7 @@ def fuse_job(
                     shutil.rmtree(target, ignore_errors=True)
             finetune_record = {
                 "config": finetune_config.to_dict(),
-                "healing": finetune_config.healing,
+                "healing": finetune_config.healing(len(model_dirs)),
                 "runs": runs,
             }
             timings["finetune"] = round(time.perf_counter() - clock - sum(timings.values()), 3)

@@ -284,7 +284,8 @@ def write_report(
         parts.append(
             f"<h2>Finetune</h2><p>AdamW, lr {cfg['lr']:g}, batch {cfg['batch_size']},"
             f" warmup {cfg['warmup']:g} then cosine; budget: steps {cfg['steps']}, "
-            f"epochs {cfg['epochs']}, seconds {cfg['seconds']}; healing: {_healing(cfg)}."
+            f"epochs {cfg['epochs']}, seconds {cfg['seconds']}; healing: "
+            f"{_healing(cfg, finetune.get('healing'))}."
             "</p><table><tr><th>model"
             "</th><th>steps</th><th>epochs</th><th>seconds</th><th>stopped by</th>"
             "<th>before</th><th>after</th></tr>"
@@ -334,9 +335,9 @@ def _fmt(value) -> str:
     return "" if value is None else html.escape(str(value))
 
 
-def _healing(config: dict) -> str:
+def _healing(config: dict, healing: str | None) -> str:
     distill = config.get("distill") or 0
-    if not distill:
+    if not distill or healing == "plain":
         return "plain (labels)"
     return (
         f"distillation from the parents' ensemble (weight {distill:g}, "

@@ -132,10 +132,10 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     device: str | None = None  # None: the job's device (fuse_job), else cpu
-    # Distillation from the parents' ensemble: loss = (1 - distill) * CE(labels)
-    # + distill * T^2 * KL(teacher_T || student_T); 0 is plain finetuning.
-    distill: float = 0.0
-    temperature: float = 2.0
+    # Distillation from the teachers' ensemble (a job's parents): loss = (1 - distill) *
+    # CE(labels) + distill * T^2 * KL(teacher_T || student_T); 0, or no teachers: plain.
+    distill: float = 0.9
+    temperature: float = 4.0
 
     def validate(self) -> FinetuneConfig:
         if self.steps is None and self.epochs is None and self.seconds is None:
@@ -166,10 +166,10 @@ class FinetuneConfig:
             )
         return self
 
-    @property
-    def healing(self) -> str:
-        """What the run optimizes: "plain" (labels) or "distill" (labels and the parents)."""
-        return "distill" if self.distill > 0 else "plain"
+    def healing(self, teachers: int) -> str:
+        """What a run with that many teachers optimizes: "plain" (labels) or "distill"
+        (labels and the teachers' ensemble)."""
+        return "distill" if self.distill > 0 and teachers > 0 else "plain"
 
     def to_dict(self) -> dict:
         return asdict(self)

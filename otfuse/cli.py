@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=FINETUNE.distill,
         metavar="ALPHA",
         help="finetune: weight of distillation from the parents' ensemble, in [0, 1] "
-        f"(loss = (1 - ALPHA) CE + ALPHA T^2 KL; {FINETUNE.distill:g} = plain finetuning)",
+        f"(loss = (1 - ALPHA) CE + ALPHA T^2 KL; default {FINETUNE.distill:g}; 0 = plain "
+        "finetuning)",
     )
     job.add_argument(
         "--temperature",

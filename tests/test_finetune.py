@@ -176,7 +176,9 @@ def test_distillation_brings_the_model_closer_to_the_parents_ensemble(train, tmp
     teachers = [save(tiny_vit(seed=s), tmp_path / f"teacher{s}") for s in (2, 3)]
     before = _teacher_kl(student, teachers, train)
     base = dict(steps=40, lr=3e-3, batch_size=16)
-    plain = finetune(student, train, tmp_path / "plain", FinetuneConfig(**base), teachers=teachers)
+    plain = finetune(
+        student, train, tmp_path / "plain", FinetuneConfig(**base, distill=0), teachers=teachers
+    )
     taught = finetune(
         student,
         train,
@@ -203,10 +205,11 @@ def test_causal_lm_distillation_is_token_level(tmp_path):
     assert _teacher_kl(tmp_path / "distilled", teachers, data, "causal-lm") < 0.5 * before
 
 
-def test_distillation_needs_teachers(vit, train, tmp_path):
-    with pytest.raises(InputError) as error:
-        finetune(vit, train, tmp_path / "ft", FinetuneConfig(steps=2, distill=0.5))
-    assert error.value.field == "distill"
+def test_without_teachers_the_finetune_is_plain(vit, train, tmp_path):
+    result = finetune(vit, train, tmp_path / "ft", FinetuneConfig(steps=2, distill=0.5))
+    assert result.run.healing == "plain"
+    record = json.loads((tmp_path / "ft" / "fusion.json").read_text())
+    assert record["finetune"]["healing"] == "plain"
 
 
 @pytest.mark.parametrize("field,value", [("distill", -0.1), ("distill", 1.5), ("temperature", 0)])

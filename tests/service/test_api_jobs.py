@@ -250,6 +250,8 @@ def test_accepted_sweep_and_finetune_specs(tmp_path, parents, datasets):
             "warmup": 0.1,
             "weight_decay": 0.01,
             "seed": 0,
+            "distill": 0.9,
+            "temperature": 4.0,
             "baselines": [],
         }
         assert job["spec"]["artifacts"] == {"transport_maps": False, "report": False}
