@@ -169,7 +169,13 @@ def fuse_job(
         )
         enter("aligning", "writing the chosen fusion")
         fusion = write_chosen(
-            searched, work / "fused", space, shown(calib_file), keep_plans=keep_plans
+            searched,
+            work / "fused",
+            space,
+            shown(calib_file),
+            keep_plans=keep_plans,
+            progress=say,
+            should_cancel=cancelled,
         )
         spec = fusion.spec
         timings["fusion"] = round(time.perf_counter() - clock, 3)

@@ -22,7 +22,7 @@ from .errors import InputError
 from .families import Attention, Family, Layer, Merge, Node, Param, axis_spaces, resolve_family
 from .headers import Entry, Folder, Headers, LocalFolder, read_file_header, read_headers
 from .limits import Limits
-from .plan_costs import CostModel, Estimate, estimate
+from .plan_costs import SEARCH, CostModel, Estimate, estimate
 from .spec import FusionSpec
 
 GIB = 1 << 30
@@ -125,6 +125,11 @@ class PlanReport:
 
 
 # -- planning --------------------------------------------------------------------------------
+def _cost_model(fusions: int) -> CostModel:
+    """A single recipe streams; more candidates are held in memory to be scored."""
+    return CostModel(engine=SEARCH) if fusions > 1 else CostModel()
+
+
 def plan(
     folders: list[Folder],
     spec: FusionSpec,
@@ -177,7 +182,7 @@ def plan(
         graph.fused(),
         graph.spaces(),
         graph.maps(),
-        estimate(graph, spec, costs or CostModel(), data_tokens, fusions),
+        estimate(graph, spec, costs or _cost_model(fusions), data_tokens, fusions),
     )
 
 

@@ -96,6 +96,22 @@ STREAMING = EngineProfile(
 )
 
 
+# A job with more than one candidate (a recipe search or a regularizer sweep) fuses each in
+# memory to score it: the fused tensors and their plans (kept for the transport maps) are held,
+# the best candidate's while the next one is fused, and a live model of the anchor's
+# architecture is loaded with them; a single recipe streams to disk.
+SEARCH = EngineProfile(
+    name="in-memory (recipe search)",
+    plans_freed=False,
+    vanilla_plans=False,
+    row_block_bytes=32 << 20,
+    shard_bytes=math.inf,
+    output_copies=3.0,  # the best candidate, the current one, the live model scoring it
+    parents_resident=0.0,
+    activations_per_layer=False,
+    stream_gram=True,
+)
+
 # The engine this code runs (issue 9's streaming engine): the cost model describes it by
 # default; CURRENT stays to describe the in-memory engine it replaced.
 ENGINE = STREAMING

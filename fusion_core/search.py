@@ -31,7 +31,15 @@ from pathlib import Path
 import torch
 
 from .activations import load_live_model
-from .api import Fused, Prepared, ProgressCallback, add_activations, fuse_tensors, write_fused
+from .api import (
+    Fused,
+    Prepared,
+    ProgressCallback,
+    add_activations,
+    fuse_prepared,
+    fuse_tensors,
+    write_fused,
+)
 from .contract import Point, Recipe, SearchSpace
 from .engine import check_attention_policy
 from .errors import InputError, check_cancelled
@@ -52,7 +60,9 @@ def calibration_key(metrics: dict[str, float], task: str) -> tuple[float, ...]:
 class SearchResult:
     points: list[SweepPoint]  # in the order tried
     chosen: int  # index into points
-    fused: Fused  # the chosen fusion, in memory
+    # the chosen fusion in memory; None when there was one candidate, nothing to score: it is
+    # fused straight to disk by write_chosen, streaming (no whole model held)
+    fused: Fused | None
     prepared: Prepared  # prepared around the chosen anchor
     reason: str  # why it was chosen, for people
     runner_up: int | None = None
@@ -93,12 +103,23 @@ def write_chosen(
     selected_on: str | None,
     metrics: dict | None = None,
     keep_plans: bool = False,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
 ):
-    """The chosen fusion as a checkpoint folder; its fusion.json says how it was chosen."""
+    """The chosen fusion as a checkpoint folder; its fusion.json says how it was chosen. A
+    single candidate is fused here, streaming layer by layer to `out` (`progress` and
+    `should_cancel` are that fusion's)."""
     searched = len(result.points) > 1 or (space.mode != "fixed" and space.is_search)
     search = result.record(space, selected_on) if searched else None
     if search is None:
         search = {**space.to_dict(), "chosen": result.recipe.to_dict(), "why": space.reason}
+    if result.fused is None:
+        spec = result.recipe.as_spec(result.prepared.spec)
+        report = fuse_prepared(
+            result.prepared, out, spec, progress, should_cancel, metrics, keep_plans, search
+        )
+        result.points[result.chosen].seconds = round(report.seconds, 3)
+        return report
     return write_fused(result.prepared, result.fused, out, metrics, keep_plans, search)
 
 
@@ -131,7 +152,7 @@ def run_search(
     points: list[SweepPoint] = []
     keys: list[tuple[float, ...]] = []
     skipped: list[dict] = []
-    best: tuple[tuple[float, ...], int, Fused, Prepared] | None = None
+    best: tuple[tuple[float, ...], int, Fused | None, Prepared] | None = None
     stopped_by: str | None = None
 
     def stop() -> str | None:
@@ -185,7 +206,8 @@ def run_search(
                 )
             )
         clock = time.perf_counter()
-        fused = fuse_tensors(around, spec, inner, should_cancel)
+        # one candidate: nothing to compare, so write_chosen fuses it streaming instead
+        fused = fuse_tensors(around, spec, inner, should_cancel) if searching else None
         calib_metrics: dict[str, float] = {}
         if calib is not None and searching:
             calib_metrics = scorer(recipe, live.load(around, fused), calib)

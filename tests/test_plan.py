@@ -194,3 +194,14 @@ def test_a_hostile_config_is_an_input_error_at_its_model(folders, tmp_path, chan
     with pytest.raises(InputError) as caught:
         local_plan([folders["bert0"], str(bad)], FusionSpec())
     assert caught.value.field == "models.1", caught.value
+
+
+def test_a_search_is_planned_in_memory_and_one_recipe_streaming(folders):
+    """A job with several candidates holds each in memory to score it (the fused model and a
+    live copy): its plan says so and needs more than the same recipe streamed alone."""
+    pair = [folders["llama0"], folders["llama1"]]
+    alone = local_plan(pair, FusionSpec()).estimate
+    searched = local_plan(pair, FusionSpec(), fusions=8).estimate
+    assert alone.engine == STREAMING.name
+    assert searched.engine != STREAMING.name and "search" in searched.engine
+    assert searched.host_peak_bytes > alone.host_peak_bytes

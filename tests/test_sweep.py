@@ -281,3 +281,21 @@ def test_mlm_sweep_is_chosen_by_calibration_loss(tmp_path):
     assert set(rows) == {"parent 0", "parent 1", "ensemble", "vanilla", "fused"}
     assert all(r["metrics"]["perplexity"] > 1 for r in rows.values())
     assert any(d.startswith("search recipe 2/2 (") and "sinkhorn reg=1)" in d for d in progress)
+
+
+def test_one_recipe_is_not_held_in_memory_but_streamed_to_disk(pair, tmp_path):
+    """With a single candidate there is nothing to score: the search holds no fused model,
+    and the chosen recipe is fused straight to disk, the same tensors fuse() writes."""
+    spec = FusionSpec(solver="emd")
+    prepared = prepare(pair["models"], spec)
+    result = run_sweep(prepared, [Point("emd")], None)
+    assert result.fused is None and len(result.points) == 1
+    out = tmp_path / "streamed"
+    write_chosen(result, out, SearchSpace.fixed(prepared.spec, [Point("emd")]), None)
+    reference = tmp_path / "reference"
+    fusion_core.api.fuse(pair["models"], reference, spec)
+    streamed = load_file(str(out / "model.safetensors"))
+    expected = load_file(str(reference / "model.safetensors"))
+    assert streamed.keys() == expected.keys()
+    assert all(torch.equal(streamed[k], expected[k]) for k in expected)
+    assert result.points[0].seconds > 0
