@@ -23,7 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import InputError
 from .spec import (
     ALIGNMENTS,
+    DEFAULT_MAX_SHARD_SIZE,
     HEAD_MODES,
+    MIN_SHARD_SIZE,
     QK,
     Alignment,
     FinetuneConfig,
@@ -405,6 +407,15 @@ class Artifacts(Strict):
     report: bool = Field(
         False, description="report.html: self-contained page with plots (matplotlib PNGs)"
     )
+    # At least 1 MiB: a tiny limit would make one file per tensor (thousands of objects).
+    max_shard_size: int = Field(
+        DEFAULT_MAX_SHARD_SIZE,
+        ge=MIN_SHARD_SIZE,
+        le=10**13,
+        description="largest file of the fused checkpoint, in bytes: Hugging Face shards "
+        "(model-0000k-of-0000N.safetensors + model.safetensors.index.json), one "
+        "model.safetensors when the model fits; a tensor larger than this gets a shard alone",
+    )
 
 
 RegPoint = float | Literal["emd"]
@@ -543,6 +554,7 @@ RECIPE_FIELDS = {
     "qk": "policy.qk",
     "heads": "policy.heads",
     "rectangular": "policy.rectangular",
+    "max_shard_size": "artifacts.max_shard_size",
     "anchor": "anchor",
     "weights": "weights",
     "samples": "policy.samples",
@@ -768,6 +780,7 @@ def fusion_spec(spec: JobSpec, device: str) -> FusionSpec:
             qk=spec.policy.qk,
             heads=spec.policy.heads,
             rectangular=spec.policy.rectangular,
+            max_shard_size=spec.artifacts.max_shard_size,
             anchor=spec.anchor,
             weights=tuple(spec.weights) if spec.weights else None,
             samples=spec.policy.samples,

@@ -26,6 +26,8 @@ RESIDUALS: tuple[str, ...] = get_args(Residual)
 QK_MODES: tuple[str, ...] = get_args(QK)
 HEAD_MODES: tuple[str, ...] = get_args(Heads)
 RECTANGULAR: tuple[str, ...] = get_args(Rectangular)
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # Hugging Face's default "5GB"
+MIN_SHARD_SIZE = 1 << 20  # the job spec's floor (the library takes any positive size)
 _WINDOW = re.compile(r"^window-(\d+)$")
 
 
@@ -47,7 +49,7 @@ class FusionSpec:
     max_tokens: int = 16384  # tokens kept per activation tap (a seeded subset)
     device: str = "cpu"
     # the fused checkpoint's shards: Hugging Face's naming, a new shard past this many bytes
-    max_shard_size: int = 5 * 10**9
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
 
     def validate(self, num_models: int) -> FusionSpec:
         _choice("method", self.method, METHODS)

@@ -27,8 +27,8 @@ from .checkpoint import SAFETENSORS_DTYPES
 from .errors import InputError
 from .files import SAFETENSORS_FILE, SAFETENSORS_INDEX, SIDE_FILES
 from .models import ParentModel
+from .spec import DEFAULT_MAX_SHARD_SIZE
 
-DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # Hugging Face's default "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 

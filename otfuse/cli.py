@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,20 @@ def _float_or_fail(value: str) -> float:
         return float(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from exc
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def _size_or_fail(value: str) -> int:
+    """Bytes from "5GB", "500MB", "2GiB" or a plain number (Hugging Face's notation)."""
+    match = _SIZE.match(value)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size like 5GB, 500MB or 2GiB: {value!r}")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "").lower()])
 
 
 def _reg_or_fail(value: str) -> float | str:
@@ -283,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=FINETUNE.temperature,
         help=f"finetune: distillation temperature ({FINETUNE.temperature:g})",
     )
+    fuse.add_argument(
+        "--max-shard-size",
+        type=_size_or_fail,
+        metavar="SIZE",
+        help="largest file of the fused checkpoint (5GB, 500MB, 2GiB or bytes; default 5GB, "
+        "at least 1MiB): Hugging Face shards and their index, one model.safetensors when the "
+        "model fits",
+    )
     job.add_argument(
         "--save-transport-maps",
         action="store_true",
@@ -405,6 +428,7 @@ FLAGS = {
     "finetune.baselines": "--finetune-baselines",
     "artifacts.transport_maps": "--save-transport-maps",
     "artifacts.report": "--report",
+    "artifacts.max_shard_size": "--max-shard-size",
     "output": "--out",
 }
 
@@ -471,6 +495,8 @@ def job_spec(args: argparse.Namespace):
         "artifacts": {"transport_maps": args.save_transport_maps, "report": args.report},
         "output": str(args.out) if args.out is not None else None,
     }
+    if getattr(args, "max_shard_size", None) is not None:
+        document["artifacts"]["max_shard_size"] = args.max_shard_size
     if args.anchor is not None:
         document["anchor"] = args.anchor
     if regularizer is not None:

@@ -47,3 +47,26 @@ def test_fuse_then_eval_through_the_console_script(tmp_path):
     )
     metrics = json.loads(evaluated.stdout)
     assert set(metrics) >= {"accuracy", "loss"} and 0 <= metrics["accuracy"] <= 1
+
+
+def test_max_shard_size_takes_hugging_face_sizes_into_the_recipe():
+    """--max-shard-size 2GB reaches the fusion's recipe; the spec's default is Hugging
+    Face's 5GB, and a size in another notation or a bad one is read or refused by name."""
+    from fusion_core.contract import fusion_spec, validate_job
+    from otfuse.cli import _size_or_fail, build_parser, job_spec
+
+    def recipe(*flags: str):
+        args = build_parser().parse_args(["fuse", "a", "b", "--out", "c", *flags])
+        return fusion_spec(validate_job(job_spec(args)), "cpu")
+
+    assert recipe("--max-shard-size", "2GB").max_shard_size == 2 * 10**9
+    assert recipe().max_shard_size == 5 * 10**9
+    assert _size_or_fail("2GiB") == 2 << 30 and _size_or_fail("1500") == 1500
+    assert _size_or_fail("1.5 mb") == 1_500_000
+    for bad in ("5 parsecs", "-1GB", ""):
+        try:
+            _size_or_fail(bad)
+        except Exception as error:  # argparse reports it as the flag's error
+            assert "not a size" in str(error)
+        else:
+            raise AssertionError(bad)

@@ -46,6 +46,11 @@ CASES = [
         ["--method", "vanilla", "--reg", "auto", "--data", D],
     ),
     ("anchor", {"anchor": 5}, ["--anchor", "5"]),
+    (
+        "artifacts.max_shard_size",
+        {"artifacts": {"max_shard_size": 1000}},
+        ["--max-shard-size", "1KB"],
+    ),
     ("weights", {"weights": [1.0]}, ["--weights", "1"]),
     ("weights", {"weights": [1e308, 1e308]}, ["--weights", "1e308", "1e308"]),
     ("data.activations", {"policy": {"alignment": "activations"}}, ["--alignment", "activations"]),
