@@ -254,7 +254,11 @@ def test_accepted_sweep_and_finetune_specs(tmp_path, parents, datasets):
             "temperature": 4.0,
             "baselines": [],
         }
-        assert job["spec"]["artifacts"] == {"transport_maps": False, "report": False}
+        assert job["spec"]["artifacts"] == {
+            "transport_maps": False,
+            "report": False,
+            "max_shard_size": 5 * 10**9,
+        }
 
 
 def test_sweep_without_eval_reports_no_baselines(tmp_path, parents, datasets):
