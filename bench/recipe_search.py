@@ -45,7 +45,13 @@ from fusion_core.contract import Recipe, SearchSpace
 from fusion_core.evaluate import load_eval_set
 from fusion_core.job import fuse_job
 from fusion_core.search import run_search, score_recipe
-from otfuse.digits import load_digits_splits, save_model, save_split, train_vit
+from otfuse.digits import (
+    load_digits_splits,
+    save_model,
+    save_split,
+    train_classifier,
+    train_vit,
+)
 
 transformers.utils.logging.disable_progress_bar()
 TABLE_REGS = (0.01, 0.03, 0.1, 0.3)  # bench/digits_table.py's
@@ -102,23 +108,7 @@ def bert_config() -> transformers.BertConfig:
 def train_bert(seed: int, ids: torch.Tensor, labels: torch.Tensor, epochs: int):
     torch.manual_seed(seed)
     model = transformers.BertForSequenceClassification(bert_config())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    steps = epochs * ((len(labels) + 63) // 64)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1
-    )
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=gen)
-        for start in range(0, len(labels), 64):
-            idx = order[start : start + 64]
-            loss = F.cross_entropy(model(input_ids=ids[idx]).logits, labels[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
+    return train_classifier(model, "input_ids", ids, labels, epochs, seed)
 
 
 def bert_parents(

@@ -69,6 +69,20 @@ def train_vit(
     torch.manual_seed(seed)
     model = transformers.ViTForImageClassification(vit_config(hidden, intermediate, layers, heads))
     x, y = splits.train
+    return train_classifier(model, "pixel_values", x, y, epochs, seed, log)
+
+
+def train_classifier(
+    model: transformers.PreTrainedModel,
+    input_name: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    seed: int,
+    log=None,
+) -> transformers.PreTrainedModel:
+    """The parents' recipe: AdamW, one-cycle learning rate (peak 2e-3), batches of 64 in a
+    seeded order; `input_name` is the model's input (pixel_values, input_ids)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     steps = epochs * ((len(y) + 63) // 64)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -80,7 +94,7 @@ def train_vit(
         order = torch.randperm(len(y), generator=gen)
         for start in range(0, len(y), 64):
             idx = order[start : start + 64]
-            loss = F.cross_entropy(model(pixel_values=x[idx]).logits, y[idx])
+            loss = F.cross_entropy(model(**{input_name: x[idx]}).logits, y[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
