@@ -21,7 +21,7 @@ from .contract import as_job_error
 from .errors import InputError
 from .families import Attention, Family, Layer, Merge, Node, Param, axis_spaces, resolve_family
 from .headers import Entry, Folder, Headers, LocalFolder, read_file_header, read_headers
-from .limits import Limits
+from .limits import COUNT_KEYS, LAYER_KEYS, WIDTH_KEYS, Limits
 from .plan_costs import SEARCH, CostModel, Estimate, estimate
 from .spec import FusionSpec
 
@@ -205,19 +205,8 @@ def _summary(model: HeaderModel) -> ModelSummary:
     )
 
 
-SIZE_KEYS = (
-    "hidden_size",
-    "n_embd",
-    "dim",
-    "intermediate_size",
-    "n_inner",
-    "hidden_dim",
-    "head_dim",
-    "vocab_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-)
+# the sizes a difference between models is reported for: the ones Limits bounds
+SIZE_KEYS = (*LAYER_KEYS, *WIDTH_KEYS, *COUNT_KEYS)
 
 
 def _differences(models: list[HeaderModel], anchor: HeaderModel) -> list[str]:
