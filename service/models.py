@@ -18,6 +18,17 @@ class JobError(BaseModel):
     message: str = Field(..., examples=["s3://models/vit-b/: no config.json under this prefix"])
 
 
+# A recipe as the search reports it (the examples of the API document).
+CHOSEN_EXAMPLE = {
+    "anchor": 1,
+    "alignment": "activations",
+    "residual": "shared",
+    "heads": "cross",
+    "solver": "sinkhorn",
+    "reg": 0.023,
+}
+
+
 class JobResult(BaseModel):
     checkpoint: str = Field(..., description="URI prefix of the published HF folder")
     metrics_uri: str = Field(..., description="URI of metrics.json")
@@ -29,16 +40,7 @@ class JobResult(BaseModel):
         None,
         description="the recipe the search (or regularizer sweep) chose on the calibration "
         "data: {anchor, alignment, residual, heads, solver, reg}",
-        examples=[
-            {
-                "anchor": 1,
-                "alignment": "activations",
-                "residual": "shared",
-                "heads": "cross",
-                "solver": "sinkhorn",
-                "reg": 0.023,
-            }
-        ],
+        examples=[CHOSEN_EXAMPLE],
     )
     files: list[str] = Field(
         default_factory=list,

@@ -19,7 +19,7 @@ from .. import jobs
 from ..auth import tenant, tenant_of
 from ..direct import DirectRoute
 from ..jobs import check_submit_rate
-from ..models import Job, JobList, Problem, Status
+from ..models import CHOSEN_EXAMPLE, Job, JobList, Problem, Status
 from ..plan_example import PLAN_EXAMPLE
 from ..problems import ProblemError
 
@@ -141,14 +141,7 @@ HEALED = _example_job(
         "metrics_uri": OUT + "metrics.json",
         "report_uri": OUT + "report.html",
         "transport_maps_uri": OUT + "transport_maps.safetensors",
-        "chosen": {
-            "anchor": 1,
-            "alignment": "activations",
-            "residual": "shared",
-            "heads": "cross",
-            "solver": "sinkhorn",
-            "reg": 0.023,
-        },
+        "chosen": CHOSEN_EXAMPLE,
         "metrics": {
             "schema_version": 1,
             "task": "classification",
@@ -166,26 +159,14 @@ HEALED = _example_job(
             "sweep": {
                 "selected_on": "s3://models/digits/calib.safetensors",
                 "metric": "accuracy",
-                "chosen": {
-                    "anchor": 1,
-                    "alignment": "activations",
-                    "residual": "shared",
-                    "heads": "cross",
-                    "solver": "sinkhorn",
-                    "reg": 0.023,
-                },
+                "chosen": CHOSEN_EXAMPLE,
                 "mode": "auto",
                 "reason": "best calibration accuracy (0.9400) among 32 recipes tried (stopped "
                 "by the points budget); runner-up: anchor 1, activations, shared, cross heads, "
                 "emd (0.9300)",
                 "points": [
                     {
-                        "anchor": 1,
-                        "alignment": "activations",
-                        "residual": "shared",
-                        "heads": "cross",
-                        "solver": "sinkhorn",
-                        "reg": 0.023,
+                        **CHOSEN_EXAMPLE,
                         "calib": {"accuracy": 0.94, "loss": 0.22, "examples": 360},
                         "eval": None,
                         "seconds": 0.41,
