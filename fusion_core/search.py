@@ -5,10 +5,10 @@ the best. The regularizer sweep is the search whose only free axis is the solver
   collected once per model, with every tap any candidate needs, when the first candidate that
   needs them comes up (weights-only candidates never pay for them).
 - Cheap first, in two phases. Screen: every structure (anchor x alignment x residual x
-  heads) at one solver point, EMD when it is among the points (hard, one solve per space),
-  weights before activations. Refine: the other solver points (Sinkhorn regularizers) of the
-  best structures, best first. The budget (points, seconds) stops it; the first candidate
-  always runs.
+  heads) at one solver point (an auto search: `SCREEN_POINT`, a soft point where the best
+  recipes sit; a regularizer sweep: EMD, one solve per space), weights before activations.
+  Refine: the other solver points of the best structures, best first. The budget (points,
+  seconds) stops it; the first candidate always runs.
 - Candidates are scored in memory: the fused tensors are loaded into a live model of the
   anchor's architecture (one per anchor, reused), never written to disk; only the chosen one
   is written, by the caller.
@@ -40,7 +40,7 @@ from .api import (
     fuse_tensors,
     write_fused,
 )
-from .contract import Point, Recipe, SearchSpace
+from .contract import SCREEN_POINT, Point, Recipe, SearchSpace
 from .engine import check_attention_policy
 from .errors import InputError, check_cancelled
 from .evaluate import EvalSet, metrics_from_scores, model_scores
@@ -294,7 +294,10 @@ def _candidates(
     if space.mode == "list":  # as listed, weights-only ones first
         return sorted(space.recipes, key=lambda r: r.needs_activations), {}
     points = list(space.points)
-    first = Point("emd") if Point("emd") in points else points[0]
+    if space.mode == "auto" and SCREEN_POINT in points:
+        first = SCREEN_POINT
+    else:
+        first = Point("emd") if Point("emd") in points else points[0]
     rest = [p for p in points if p != first]
     screen = [
         Recipe(anchor, alignment, residual, heads, first.solver, first.reg)

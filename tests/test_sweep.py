@@ -46,7 +46,7 @@ def pair(tmp_path):
     }
 
 
-PLANTED = Recipe(1, "activations", "shared", "cross", "sinkhorn", 0.023)
+PLANTED = Recipe(1, "activations", "shared", "cross", "sinkhorn", 0.055)
 
 
 def planted_score(recipe, model, data):
@@ -100,9 +100,10 @@ def test_planted_recipe_is_chosen_on_calibration_and_published(pair, tmp_path, m
     assert len(points) == 32 and sweep["stopped_by"] == "points"
     assert [p["chosen"] for p in points].count(True) == 1
     assert all(p["eval"] is None and p["seconds"] > 0 for p in points)  # eval takes no part
-    # cheap first: the 24 structures at EMD, weights before activations, then refinement
+    # cheap first: the 24 structures at the screening point, weights before activations,
+    # then refinement
     assert [p["phase"] for p in points] == ["screen"] * 24 + ["refine"] * 8
-    assert all(p["solver"] == "emd" for p in points[:24])
+    assert all((p["solver"], p["reg"]) == ("sinkhorn", 0.023) for p in points[:24])
     assert [p["alignment"] for p in points[:24]] == ["weights"] * 12 + ["activations"] * 12
     assert {p["anchor"] for p in points} == {0, 1}
     assert sweep["runner_up"] and "runner-up" in sweep["reason"]
@@ -113,7 +114,7 @@ def test_planted_recipe_is_chosen_on_calibration_and_published(pair, tmp_path, m
         and "best calibration" in (record["search"]["why"])
     )
     assert record["anchor"] == 1 and record["spec"]["heads"] == "cross"
-    assert record["spec"]["reg"] == 0.023 and record["spec"]["residual"] == "shared"
+    assert record["spec"]["reg"] == 0.055 and record["spec"]["residual"] == "shared"
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["anchor"] == 1 and on_disk["sweep"]["chosen"] == PLANTED.to_dict()
     search = [e for e in events if e.stage == "search" and e.unit == "recipe"]
@@ -123,11 +124,11 @@ def test_planted_recipe_is_chosen_on_calibration_and_published(pair, tmp_path, m
 
 
 def test_the_search_never_reads_the_eval_data(tmp_path, monkeypatch):
-    """A model and a permuted copy, calibration labels from the model: hard alignment with a
-        shared residual stream gives the model back exactly, so the search must find a recipe
-    with calibration accuracy 1. Every evaluation during the search is on the calibration
-    data; the eval data is only read after it. The published model scores on calibration
-    what the search scored in memory."""
+    """A model and a permuted copy, calibration labels from the model: aligning them gives the
+    model back (exactly under hard alignment, nearly at the screening point), so the search
+    must find a recipe with calibration accuracy 1. Every evaluation during the search is on
+    the calibration data; the eval data is only read after it. The published model scores on
+    calibration what the search scored in memory."""
     original = tiny_vit(seed=3)
     folders = [
         save(original, tmp_path / "a"),
@@ -163,7 +164,7 @@ def test_the_search_never_reads_the_eval_data(tmp_path, monkeypatch):
     assert {s for s, _ in scored} == {"search"}
     sweep = result.metrics["sweep"]
     chosen = next(p for p in sweep["points"] if p["chosen"])
-    assert chosen["calib"]["accuracy"] == 1.0 and chosen["solver"] == "emd"
+    assert chosen["calib"]["accuracy"] == 1.0
     assert len(sweep["points"]) == 12 and {p["anchor"] for p in sweep["points"]} == {0}
     published = evaluate(tmp_path / "out", calib)
     assert published["accuracy"] == 1.0
