@@ -1,14 +1,14 @@
 """Healing at a fixed budget: plain finetuning against distillation from the parents.
 
     python bench/healing.py [--workdir runs/bench-digits] [--pairs 0-1,2-3,4-5]
-                            [--ft-seeds 0,1,2] [--steps 200] [--distill 0.5]
-                            [--temperature 2] [--curve 50,100,200,400]
+                            [--ft-seeds 0,1,2] [--steps 200] [--lr 1e-3] [--distill 0.9]
+                            [--temperature 4] [--curve 50,100,200,400]
 
 For each pair of digits ViTs (hidden 64, seeds as in bench/digits_table.py, trained once and
 cached in --workdir) three starting points are healed with the same budget (--steps of batch
-64, lr 2e-3, AdamW, warmup then cosine) on the training split:
-- fused: one-shot OT fusion, `--alignment activations --solver emd --residual shared`, the
-  anchor (0 or 1) chosen on the calibration split;
+64, peak --lr, AdamW, warmup then cosine) on the training split:
+- fused: what a job with calibration data publishes by default: the recipe search
+  (`--policy auto`, default budget) on the calibration split;
 - vanilla: vanilla fusion of the same pair;
 - best parent: the parent with the higher calibration accuracy;
 each with plain finetuning (labels) and with distillation from the pair's ensemble
@@ -33,11 +33,11 @@ from pathlib import Path
 
 import transformers
 
-from fusion_core import FinetuneConfig, FusionSpec, evaluate, finetune, fuse
+from fusion_core import FinetuneConfig, FusionSpec, evaluate, finetune, fuse, fuse_job
+from fusion_core.contract import SearchSpace
 from otfuse.digits import load_digits_splits, save_model, save_split, train_vit
 
 transformers.utils.logging.disable_progress_bar()
-RECIPE = FusionSpec(alignment="activations", solver="emd", residual="shared", samples=180)
 STARTS = ("fused", "vanilla", "best parent")
 HETERO_RECIPE = FusionSpec(
     alignment="activations", solver="sinkhorn", residual="shared", rectangular="rms", samples=180
@@ -86,15 +86,13 @@ class Healing:
         calib = [evaluate(p, self.split("calib"))["accuracy"] for p in parents]
         best = calib.index(max(calib))
         folders = {"best parent": str(parents[best])}
-        anchors = {}
-        for anchor in range(len(parents)):
-            out = self.workdir / f"heal-{key}-fused-{anchor}"
-            shutil.rmtree(out, ignore_errors=True)
-            spec = FusionSpec(**{**RECIPE.to_dict(), "anchor": anchor})
-            fuse(parents, out, spec, data=self.split("calib"))
-            anchors[anchor] = evaluate(out, self.split("calib"))["accuracy"]
-        chosen = max(anchors, key=anchors.get)
-        folders["fused"] = str(self.workdir / f"heal-{key}-fused-{chosen}")
+        fused = self.workdir / f"heal-{key}-fused"
+        shutil.rmtree(fused, ignore_errors=True)
+        spec = FusionSpec()
+        job = fuse_job(
+            parents, fused, spec, search=SearchSpace.auto(spec), calib_data=self.split("calib")
+        )
+        folders["fused"] = str(fused)
         vanilla = self.workdir / f"heal-{key}-vanilla"
         shutil.rmtree(vanilla, ignore_errors=True)
         fuse(parents, vanilla, FusionSpec(method="vanilla"))
@@ -103,8 +101,7 @@ class Healing:
         parents_test = [evaluate(p, self.split("test"))["accuracy"] for p in parents]
         entry["starts"] = {
             "folders": folders,
-            "anchor": chosen,
-            "anchor_calib": anchors,
+            "recipe": job.metrics["sweep"]["chosen"],
             "best_parent": best,
             "parents_test": parents_test,
             "one_shot_test": one_shot,
@@ -141,8 +138,8 @@ class Healing:
 
     def heal(self, key: str, parents: list[Path], start: str, mode: str, seed: int, steps: int):
         runs = self.results.setdefault(key, {}).setdefault("runs", {})
-        name = f"{start}|{mode}|{seed}|{steps}"
-        if mode == "distill" and (self.args.distill, self.args.temperature) != (0.5, 2.0):
+        name = f"{start}|{mode}|{seed}|{steps}|lr {self.args.lr:g}"
+        if mode == "distill":
             name += f"|{self.args.distill:g}|{self.args.temperature:g}"
         if name in runs:
             return runs[name]
@@ -150,7 +147,7 @@ class Healing:
         distill = self.args.distill if mode == "distill" else 0.0
         config = FinetuneConfig(
             steps=steps,
-            lr=2e-3,
+            lr=self.args.lr,
             batch_size=64,
             seed=seed,
             distill=distill,
@@ -181,8 +178,9 @@ def main() -> None:
     parser.add_argument("--pairs", default="0-1,2-3,4-5", help="empty: none")
     parser.add_argument("--ft-seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--distill", type=float, default=0.5)
-    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak (the README's)")
+    parser.add_argument("--distill", type=float, default=0.9)
+    parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--curve", default="", help="5 models: budgets, e.g. 50,100,200,400")
     parser.add_argument(
         "--hetero", default="", help="48 <- 64: seeds of the hidden-64 partners, e.g. 0,1,2"
@@ -197,11 +195,13 @@ def main() -> None:
     one_shot: dict[str, list[float]] = {}
     best_parent: list[float] = []
     # seed-major: every pair gets its first finetune seed before any gets its second
+    parent_of_run: list[float] = []  # the better parent's test accuracy, run by run
     for seed in seeds:
         for pair in pairs:
             key = f"pair {pair[0]}-{pair[1]}"
             parents = [bench.parent(s) for s in pair]
             starts = bench.starts(key, parents)
+            parent_of_run.append(max(starts["parents_test"]))
             for start in [s for s in STARTS if s in args.starts.split(",")]:
                 for mode in MODES:
                     run = bench.heal(key, parents, start, mode, seed, args.steps)
@@ -220,6 +220,16 @@ def main() -> None:
             cells = [mean_std(table.get((start, mode), [])) for mode in MODES]
             shot = mean_std(one_shot.get(start, []))
             print(f"| {start} | {shot} | " + " | ".join(cells) + " |")
+        print("\nPaired by pair and finetune seed:")
+        for mode in MODES:
+            fused = table.get(("fused", mode), [])
+            if len(fused) == len(parent_of_run):
+                gaps = [f - p for f, p in zip(fused, parent_of_run, strict=True)]
+                print(f"- fused + {mode} minus the better parent (test): {mean_std(gaps)}")
+            vanilla = table.get(("vanilla", mode), [])
+            if fused and len(vanilla) == len(fused):
+                gaps = [f - v for f, v in zip(fused, vanilla, strict=True)]
+                print(f"- fused + {mode} minus vanilla + {mode}: {mean_std(gaps)}")
     hetero = [int(w) for w in args.hetero.split(",") if w.strip()]
     if hetero:
         narrow = bench.workdir / "narrow"
