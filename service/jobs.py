@@ -21,8 +21,16 @@ QUEUE_FULL_RETRY = 30  # seconds: a queued job takes at least that to start and 
 
 
 def fingerprint(spec: JobSpec) -> str:
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """Of the fields the body gives: giving a default is not the same request as leaving it
+    out (a given field pins its axis of the recipe search)."""
+    canonical = json.dumps(given(spec), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def given(spec: JobSpec) -> dict:
+    """The spec as the client gave it, without the defaults: what the worker parses, so that
+    the fields the job pins survive the round trip through the job record."""
+    return spec.model_dump(mode="json", exclude_unset=True)
 
 
 def submit(
@@ -57,6 +65,7 @@ def submit(
         "name": spec.name,
         "labels": spec.labels,
         "spec": spec.model_dump(mode="json"),
+        "request": given(spec),
         "output": output,
         "created_at": now,
         "updated_at": now,

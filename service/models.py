@@ -84,7 +84,13 @@ class Job(BaseModel):
     )
     name: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
-    spec: JobSpec
+    spec: JobSpec = Field(..., description="the job as it runs, every default filled in")
+    request: dict[str, Any] | None = Field(
+        None,
+        description="the spec as submitted: only the fields the body gave (URIs normalized). "
+        "The worker runs this; a field given pins its axis of the recipe search, a field "
+        "left out is searched",
+    )
     output: str = Field(..., description="resolved output URI prefix")
     created_at: str
     updated_at: str

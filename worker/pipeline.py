@@ -367,7 +367,10 @@ class Run:
         transformers.utils.logging.disable_progress_bar()  # progress goes to the job record
         # Checked again with this worker's settings: its roots and buckets are what count
         # here, and a path may have changed since submit (a swapped symlink).
-        spec = check_spec(parse_job(job["spec"]), self.settings, job["tenant"])
+        # The request, not the echoed spec: a field the client left out must stay unset, or
+        # every axis of a recipe search would look pinned (records from before it: spec).
+        request = job.get("request") or job["spec"]
+        spec = check_spec(parse_job(request), self.settings, job["tenant"])
         requested = spec.policy.device
         device = resolve_device(self.settings.device if requested == "auto" else requested)
         fspec = fusion_spec(spec, device)
@@ -411,6 +414,7 @@ class Run:
             "job_id": self.job_id,
             "tenant": job["tenant"],
             "spec": job["spec"],
+            "request": job.get("request"),
             "fusion_spec": metrics.get("spec") or fspec.to_dict(),  # as published (chosen)
             "finetune": finetune.to_dict() if finetune else None,
             "attempt": job["attempts"],

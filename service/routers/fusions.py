@@ -48,7 +48,8 @@ OUT = "s3://otfuse/fusions/team-a/0193a1f2c3d4a1b2c3d4e5f6/"
 
 
 def _example_job(spec: dict | None = None, **overrides) -> dict:
-    spec = JobSpec.model_validate(spec or EXAMPLE_SPEC).model_dump(mode="json")
+    parsed = JobSpec.model_validate(spec or EXAMPLE_SPEC)
+    spec = parsed.model_dump(mode="json")
     job = {
         "id": "0193a1f2c3d4a1b2c3d4e5f6",
         "tenant": "team-a",
@@ -59,6 +60,7 @@ def _example_job(spec: dict | None = None, **overrides) -> dict:
         "name": spec["name"],
         "labels": spec["labels"],
         "spec": spec,
+        "request": parsed.model_dump(mode="json", exclude_unset=True),
         "output": OUT,
         "created_at": "2026-11-26T19:00:00.000Z",
         "updated_at": "2026-11-26T19:00:03.125Z",

@@ -53,6 +53,31 @@ def calibration_key(metrics: dict) -> tuple[float, float]:
     return (metrics["accuracy"], -metrics["loss"])
 
 
+def test_a_job_with_calibration_data_searches_the_axes_it_leaves_out(tmp_path, parents, datasets):
+    """No policy and calibration data: the worker searches every axis the body leaves out.
+    The job record echoes the spec with its defaults filled in, and the worker must not read
+    those defaults as pinned (it did: the search tried one recipe). A field the body gives
+    (`policy.heads`) pins its axis."""
+    body = spec(
+        parents,
+        policy={"heads": "cross", "search_budget": 6},
+        data={"calibration": datasets["calibration"]},
+    )
+    with make_client(tmp_path, parents) as client:
+        response = client.post("/fusions", json=body)
+        assert response.status_code == 202, response.text
+        accepted = response.json()
+        assert accepted["spec"]["policy"]["alignment"] == "weights"  # the echo: defaults
+        assert accepted["request"]["policy"] == {"heads": "cross", "search_budget": 6}
+        job = wait_done(client, accepted["id"])
+    assert job["status"] == "succeeded", job["error"]
+    sweep = job["result"]["metrics"]["sweep"]
+    assert sweep["mode"] == "auto" and len(sweep["points"]) == 6
+    points = sweep["points"]
+    assert {p["heads"] for p in points} == {"cross"}
+    assert len({(p["anchor"], p["alignment"], p["residual"]) for p in points}) == 6
+
+
 def test_sweep_reports_the_chosen_point_and_publishes_only_it(tmp_path, parents, datasets):
     out = tmp_path / "swept"
     body = spec(
