@@ -32,8 +32,8 @@ def run_demo(workdir: Path, epochs: int = 40) -> dict:
 
     out = workdir / "fused-ot"
     shutil.rmtree(out, ignore_errors=True)
-    flags = ["--alignment", "activations", "--solver", "emd", "--residual", "shared"]
-    flags += ["--data", str(calib), "--eval-data", str(test)]
+    # no recipe flags: with calibration data the recipe (and the anchor) is searched
+    flags = ["--calib-data", str(calib), "--eval-data", str(test)]
     print(f"$ otfuse fuse {' '.join(parents)} --out {out} {' '.join(flags)}", file=sys.stderr)
     _otfuse("fuse", *parents, "--out", str(out), *flags)
     print(f"$ otfuse eval {out} --data {test}", file=sys.stderr)

@@ -353,16 +353,13 @@ def run_service_demo(workdir: Path, port: int, epochs: int = 40) -> dict:
                 raise CommandError("the embedded service did not start")
             time.sleep(0.2)
         jobs = {}
-        # OT: the recipe that works best one-shot on these parents (docs/benchmarks.md):
-        # activations on calibration images, exact plans, one TM for the residual stream.
-        recipe = {
-            "policy": {"alignment": "activations", "solver": "emd", "residual": "shared"},
-            "data": {"eval": f"file://{test}", "activations": f"file://{calib}"},
-        }
-        for name, extra in (("ot", recipe), ("vanilla", {"method": "vanilla"})):
+        # OT as a user gets it by default: calibration images and no policy, so the job
+        # searches the recipe (and the anchor) on them; the test images only score it.
+        data = {"eval": f"file://{test}"}
+        ot = {"data": data | {"calibration": f"file://{calib}"}}
+        for name, extra in (("ot", ot), ("vanilla", {"method": "vanilla", "data": data})):
             spec = {
                 "models": [f"file://{p}" for p in parents],
-                "data": {"eval": f"file://{test}"},
                 "name": f"digits-{name}",
                 **extra,
             }
@@ -388,6 +385,14 @@ def run_service_demo(workdir: Path, port: int, epochs: int = 40) -> dict:
     for name, m in rows:
         print(f"{name:<12} {m['accuracy']:>9.4f} {m['loss']:>8.3f}")
     checkpoint = jobs["ot"]["result"]["checkpoint"]
+    chosen = jobs["ot"]["result"].get("chosen")
+    if chosen:
+        solver = "EMD" if chosen["solver"] == "emd" else f"Sinkhorn {chosen['reg']:g}"
+        print(
+            f"\nOT recipe, searched on the calibration images: anchor {chosen['anchor']}, "
+            f"{chosen['alignment']}, residual {chosen['residual']}, {chosen['heads']} heads, "
+            f"{solver}"
+        )
     print(
         f"\nOT job {jobs['ot']['id']}: fusion {ot['fusion_seconds']:.2f}s, "
         f"job wall {ot['wall_seconds']:.2f}s\nfused checkpoint: {checkpoint}"
