@@ -8,7 +8,9 @@ model, so neuron i of one model and neuron j of another are compared on the same
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import tempfile
+from collections.abc import Mapping
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -18,8 +20,46 @@ from .data import LABELS, batches
 from .errors import InputError, check_cancelled
 from .families import Family, Tap, canonical_name
 from .models import ParentModel
+from .streamed import streamed_model
 
 BATCH_SIZE = 32
+
+
+class _AllTapped(Exception):
+    """Every tap of the batch is stored: the rest of the forward pass is skipped."""
+
+
+class SpilledTaps(Mapping):
+    """One model's activations, tap -> (tokens, n) float32, kept in a scratch folder (one
+    file per tap, appended batch by batch as they were collected) and read when a tap is
+    asked for. The engine holds the taps of the layer it aligns, not every layer's: at 1B
+    scale and 8k tokens the taps of one layer are ~0.5 GB, of all 16 layers ~9 GB a model.
+    The folder is removed with the last reference to this mapping."""
+
+    def __init__(
+        self,
+        folder,
+        files: dict[Tap, tuple[Path, int, int]],
+        device: str,
+        inline: dict[Tap, torch.Tensor],
+    ) -> None:
+        self._folder = folder  # a tempfile.TemporaryDirectory: removed when this is freed
+        self._files = files
+        self._device = device
+        self._inline = inline  # taps on parameters: the weights' rows, held
+
+    def __getitem__(self, tap: Tap) -> torch.Tensor:
+        if tap in self._inline:
+            return self._inline[tap]
+        path, rows, width = self._files[tap]
+        values = torch.from_file(str(path), shared=False, size=rows * width, dtype=torch.float32)
+        return values.reshape(rows, width).to(self._device)
+
+    def __iter__(self):
+        return iter([*self._inline, *self._files])
+
+    def __len__(self) -> int:
+        return len(self._inline) + len(self._files)
 
 
 def load_live_model(path: Path, architecture: str, device: str = "cpu") -> torch.nn.Module:
@@ -90,25 +130,26 @@ def collect(
     window: int | None,
     device: str,
     should_cancel=None,
-) -> dict[Tap, torch.Tensor]:
-    """Run one model over the data and return (tokens, n) activations per tap, on device."""
+) -> Mapping[Tap, torch.Tensor]:
+    """Run one model over the data and return (tokens, n) activations per tap, on device:
+    spilled to a scratch folder batch by batch (`SpilledTaps`), so neither the collection
+    nor the fusion holds every layer's taps at once."""
     family = parent.family
-    result: dict[Tap, torch.Tensor] = {}
     module_taps = [t for t in taps if t.where != "param"]
-    for tap in taps:
-        if tap.where == "param":
-            value = parent.tensor(tap.name).float()
-            result[tap] = value.reshape(-1, value.shape[-1]).to(device)
-    if not module_taps:
-        return result
+    if not module_taps:  # weights as features: no forward pass
+        return {t: _param_rows(parent, t.name, device) for t in taps}
 
-    model = load_live_model(parent.path, parent.architecture, device)
+    # weights read module by module as the forward reaches them (bounded memory at scale)
+    model = streamed_model(parent, device).model
     paths = module_paths(model, family)
-    gathered: dict[Tap, list[torch.Tensor]] = defaultdict(list)
+    folder = tempfile.TemporaryDirectory(prefix="otfuse-activations-")
+    files: dict[Tap, tuple[Path, int, int]] = {}
     current: dict[str, torch.Tensor] = {}
+    fired: set[Tap] = set()  # the taps stored in this batch
     hooks = []
 
     def store(tap: Tap, value: torch.Tensor) -> None:
+        fired.add(tap)
         tokens, grid = _as_tokens(value.detach())
         mask = _token_mask(current, family, tokens.shape[1], grid, spec_filter, window)
         chosen = tokens[mask.to(tokens.device)]
@@ -117,7 +158,15 @@ def collect(
             gen = torch.Generator().manual_seed(int(current["_seed"]))
             keep = torch.randperm(chosen.shape[0], generator=gen)[:budget].sort().values
             chosen = chosen[keep.to(chosen.device)]
-        gathered[tap].append(chosen.float())
+        chosen = chosen.float().cpu().contiguous()
+        path, rows, width = files.get(tap) or (Path(folder.name) / f"{len(files)}.f32", 0, 0)
+        if width and chosen.shape[1] != width:
+            raise InputError(f"{parent.label}: {tap.name!r} changed width between batches")
+        with path.open("ab") as handle:
+            handle.write(chosen.numpy().tobytes())
+        files[tap] = (path, rows + chosen.shape[0], chosen.shape[1])
+        if len(fired) == len(module_taps):  # what follows (an LM head's logits over the whole
+            raise _AllTapped  # vocabulary: GBs at scale) is not needed
 
     for tap in module_taps:
         if tap.name not in paths:
@@ -143,11 +192,18 @@ def collect(
                 current.update(batch)
                 current["_budget"] = max(1, max_tokens // num_batches)
                 current["_seed"] = number
-                model(**inputs)
+                fired.clear()
+                with suppress(_AllTapped):
+                    model(**inputs)
     finally:
         for hook in hooks:
             hook.remove()
-    for tap, chunks in gathered.items():
-        result[tap] = torch.cat(chunks).to(device)
     del model
-    return result
+    params = {t: _param_rows(parent, t.name, device) for t in taps if t.where == "param"}
+    return SpilledTaps(folder, files, device, params)
+
+
+def _param_rows(parent: ParentModel, name: str, device: str) -> torch.Tensor:
+    """A weight as features (a tap on a parameter): its rows, float32."""
+    value = parent.tensor(name).float()
+    return value.reshape(-1, value.shape[-1]).to(device)

@@ -11,7 +11,7 @@ tensor shapes are compared with the headers').
 from __future__ import annotations
 
 import resource
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -114,23 +114,32 @@ def _bounded(parent: ModelRoles, key: str, value, maximum: int) -> None:
         )
 
 
-def check_config_matches_tensors(parent: ParentModel) -> None:
-    """Every tensor in the files has the shape the config implies for it."""
-    import torch
+def build_architecture(parent: ModelRoles, placement: AbstractContextManager):
+    """transformers' model class for the parent, built from its config.json inside
+    `placement` (which decides where the parameters go); a config transformers refuses is
+    the caller's mistake (InputError)."""
     import transformers
 
     model_class = getattr(transformers, parent.architecture)
     try:
-        # Meta tensors allocate nothing, but a config can still make transformers build big
-        # Python objects (num_labels -> id2label); the cap turns that into a MemoryError.
-        with address_space_cap(), torch.device("meta"):
-            config = model_class.config_class.from_dict(dict(parent.checkpoint.config))
-            skeleton = model_class(config)
+        with placement:
+            config = model_class.config_class.from_dict(dict(parent.config))
+            return model_class(config)
     except Exception as exc:  # transformers raises many kinds on a bad config
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(
             f"{parent.label}: config.json does not describe a valid {parent.architecture}: {reason}"
         ) from exc
+
+
+def check_config_matches_tensors(parent: ParentModel) -> None:
+    """Every tensor in the files has the shape the config implies for it."""
+    import torch
+
+    # Meta tensors allocate nothing, but a config can still make transformers build big
+    # Python objects (num_labels -> id2label); the cap turns that into a MemoryError.
+    with address_space_cap():
+        skeleton = build_architecture(parent, torch.device("meta"))
     expected = {
         canonical_name(parent.family, key): tuple(tensor.shape)
         for key, tensor in skeleton.state_dict().items()

@@ -91,7 +91,7 @@ STREAMING = EngineProfile(
     shard_bytes=0.0,  # shards laid out from the anchor's headers, rows written in place
     output_copies=1.0,
     parents_resident=0.0,
-    activations_per_layer=False,  # activations are still collected for all taps up front
+    activations_per_layer=True,  # spilled to disk, read tap by tap (activations.SpilledTaps)
     stream_gram=True,
 )
 
@@ -108,7 +108,7 @@ SEARCH = EngineProfile(
     shard_bytes=math.inf,
     output_copies=3.0,  # the best candidate, the current one, the live model scoring it
     parents_resident=0.0,
-    activations_per_layer=False,
+    activations_per_layer=True,
     stream_gram=True,
 )
 
@@ -223,7 +223,8 @@ def estimate(
     if spec.needs_activations:
         held = min(tokens, spec.max_tokens)
         taps = graph.taps()
-        if engine.activations_per_layer:
+        shared_stream = spec.residual == "shared" and spec.alignment == "activations"
+        if engine.activations_per_layer and not shared_stream:  # that one map: every layer's
             layers = max(1, graph.anchor.config_value("layers"))
             taps = taps[: max(1, math.ceil(len(taps) / layers))]
         acts = len(models) * 4 * held * sum(width for _, width in taps)
