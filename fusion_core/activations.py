@@ -140,7 +140,8 @@ def collect(
         return {t: _param_rows(parent, t.name, device) for t in taps}
 
     # weights read module by module as the forward reaches them (bounded memory at scale)
-    model = streamed_model(parent, device).model
+    streamed = streamed_model(parent, device)
+    model = streamed.model
     paths = module_paths(model, family)
     folder = tempfile.TemporaryDirectory(prefix="otfuse-activations-")
     files: dict[Tap, tuple[Path, int, int]] = {}
@@ -198,6 +199,7 @@ def collect(
     finally:
         for hook in hooks:
             hook.remove()
+        streamed.close()
     del model
     params = {t: _param_rows(parent, t.name, device) for t in taps if t.where == "param"}
     return SpilledTaps(folder, files, device, params)

@@ -58,7 +58,20 @@ class StreamedModel:
     cache_bytes: int
     held_bytes: int = 0
     peak_bytes: int = 0
-    _placeholders: dict[int, dict[str, torch.nn.Parameter]] = field(default_factory=dict)
+    _placeholders: list[tuple[torch.nn.Module, dict]] = field(default_factory=list)
+    _hooks: list = field(default_factory=list)
+
+    def close(self) -> None:
+        """Drop every parameter read and the hooks now: the hooks and the model refer to
+        each other, so without this the weights would wait for the garbage collector (while
+        the next parent's pass runs)."""
+        for module, own in self._placeholders:
+            module._parameters.update(own)
+        for hook in self._hooks:
+            hook.remove()
+        self._placeholders.clear()
+        self._hooks.clear()
+        self.held_bytes = 0
 
 
 def streamed_model(
@@ -87,11 +100,10 @@ def streamed_model(
                     param.to(dtype), requires_grad=False
                 )
         missing = [_join(prefix, n) for n in own if _join(prefix, n) not in keys]
-        streamed._placeholders[id(module)] = own
-        module.register_forward_pre_hook(
-            _loader(streamed, parent, keys, prefix, own, missing, dtype, device)
-        )
-        module.register_forward_hook(_dropper(streamed, own))
+        streamed._placeholders.append((module, own))
+        load = _loader(streamed, parent, keys, prefix, own, missing, dtype, device)
+        streamed._hooks.append(module.register_forward_pre_hook(load))
+        streamed._hooks.append(module.register_forward_hook(_dropper(streamed, own)))
     return streamed
 
 
