@@ -23,7 +23,7 @@ from .families import canonical_name
 from .limits import build_architecture
 from .models import ParentModel
 
-CACHE_BYTES = 1 << 30  # weights kept resident between batches before streaming starts
+CACHE_BYTES = 256 << 20  # weights kept resident between batches (small models: read once)
 
 _building = threading.Lock()  # one build at a time while register_parameter is patched
 
