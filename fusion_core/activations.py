@@ -164,7 +164,7 @@ def collect(
         if width and chosen.shape[1] != width:
             raise InputError(f"{parent.label}: {tap.name!r} changed width between batches")
         with path.open("ab") as handle:
-            handle.write(chosen.numpy().tobytes())
+            chosen.numpy().tofile(handle)  # no bytes copy of a chunk that may be 100s of MB
         files[tap] = (path, rows + chosen.shape[0], chosen.shape[1])
         if len(fired) == len(module_taps):  # what follows (an LM head's logits over the whole
             raise _AllTapped  # vocabulary: GBs at scale) is not needed
