@@ -11,6 +11,7 @@ Small models stay resident after their first batch (under the cache), so they ar
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -170,8 +171,5 @@ def _stored_dtype(parent: ParentModel) -> torch.dtype:
     for key in parent.keys.values():
         dtype = parent.checkpoint.dtype(key)
         if dtype.is_floating_point:
-            count = 1
-            for size in parent.checkpoint.shape(key):
-                count *= size
-            sizes[dtype] = sizes.get(dtype, 0) + count
+            sizes[dtype] = sizes.get(dtype, 0) + math.prod(parent.checkpoint.shape(key))
     return max(sizes, key=sizes.get) if sizes else torch.float32

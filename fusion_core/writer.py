@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -28,23 +27,6 @@ from .errors import InputError
 from .files import SAFETENSORS_FILE, SAFETENSORS_INDEX, SIDE_FILES
 from .models import ParentModel
 from .spec import DEFAULT_MAX_SHARD_SIZE
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from an int or a size such as "5GB", "500MB" or "2GiB" (Hugging Face's units)."""
-    if isinstance(value, int):
-        size = value
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", value.upper())
-        if not match:
-            raise InputError(f"not a size: {value!r} (e.g. 5GB, 500MB, 2GiB)")
-        size = int(float(match.group(1)) * _UNITS[match.group(2) or ""])
-    if size < 1:
-        raise InputError(f"a shard size must be positive, not {value!r}")
-    return size
 
 
 def check_output_dir(out: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from fusion_core.spec import (
     RECTANGULAR,
     RESIDUALS,
     SOLVERS,
+    parse_size,
 )
 
 from .service_cli import HANDLERS as SERVICE_HANDLERS
@@ -40,18 +40,12 @@ def _float_or_fail(value: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from exc
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS |= {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
 def _size_or_fail(value: str) -> int:
     """Bytes from "5GB", "500MB", "2GiB" or a plain number (Hugging Face's notation)."""
-    match = _SIZE.match(value)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a size like 5GB, 500MB or 2GiB: {value!r}")
-    number, unit = match.groups()
-    return int(float(number) * _UNITS[(unit or "").lower()])
+    try:
+        return parse_size(value)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _reg_or_fail(value: str) -> float | str:

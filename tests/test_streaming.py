@@ -14,7 +14,7 @@ from fusion_core import FusionSpec, fuse
 from fusion_core import engine as engine_module
 from fusion_core.api import prepare
 from fusion_core.engine import Engine
-from fusion_core.writer import parse_size
+from fusion_core.spec import parse_size
 
 
 def _state(folder):

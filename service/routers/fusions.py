@@ -60,7 +60,7 @@ def _example_job(spec: dict | None = None, **overrides) -> dict:
         "name": spec["name"],
         "labels": spec["labels"],
         "spec": spec,
-        "request": parsed.model_dump(mode="json", exclude_unset=True),
+        "request": jobs.given(parsed),
         "output": OUT,
         "created_at": "2026-11-26T19:00:00.000Z",
         "updated_at": "2026-11-26T19:00:03.125Z",
