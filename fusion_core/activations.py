@@ -14,7 +14,6 @@ from contextlib import suppress
 from pathlib import Path
 
 import torch
-import transformers
 
 from .data import LABELS, batches
 from .errors import InputError, check_cancelled
@@ -64,6 +63,8 @@ class SpilledTaps(Mapping):
 
 def load_live_model(path: Path, architecture: str, device: str = "cpu") -> torch.nn.Module:
     """Instantiate a checkpoint folder with transformers (safetensors only) in eval mode."""
+    import transformers  # ~1 s of import: only where a live model is built
+
     model_class = getattr(transformers, architecture)
     try:
         model = model_class.from_pretrained(str(path), use_safetensors=True)

@@ -52,6 +52,17 @@ def assign(cost: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(columns).reshape(*batch, n).to(cost.device)
 
 
+def match(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An optimal assignment of a small square cost matrix (heads, not neurons), as
+    scipy's `linear_sum_assignment` gives it: (rows 0..n-1, their columns)."""
+    work = np.ascontiguousarray(cost, dtype=np.float64)
+    if work.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    rows, cols = lapjvr(work, return_cost=False)
+    order = np.argsort(rows)
+    return np.asarray(rows, dtype=np.int64)[order], np.asarray(cols, dtype=np.int64)[order]
+
+
 def permutation_plan(columns: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The transport plan (..., n, n) of an assignment: 1/n where row i meets columns[i],
     with `like`'s dtype and device."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .errors import IncompatibleModelsError, InputError
-from .families import Attention, Family, Layer, Node, Param, canonical_name
+from .families import Attention, Family, Layer, Node, Param, axis_spaces, canonical_name
 
 STREAM_REFINEMENTS = 2  # weights-based shared stream: re-solve it after the inner plans
 
@@ -185,3 +185,62 @@ def _check_rotary_heads(
                 f"{parent.label} has head_dim {other // heads}, {anchor.label} has "
                 f"{width // heads}; rotary attention heads cannot be resized"
             )
+
+
+# Which size role each space of the flow graph has (by the name before its layer index).
+SPACE_ROLES = {
+    "res": "hidden",
+    "mid": "hidden",
+    "ao": "hidden",
+    "mo": "hidden",
+    "pool": "hidden",
+    "patch": "hidden",
+    "pos": "hidden",
+    "mlp": "mlp",
+    "q": "query",
+    "att": "query",
+    "k": "key",
+    "v": "key",
+}
+
+
+def size_roles(model: ModelRoles) -> dict[str, int]:
+    """The family's size roles of a config, plus the widths of queries and keys/values
+    (heads x head_dim; head_dim is hidden / heads unless the config says otherwise)."""
+    sizes = model.family.sizes(model.config)
+    heads, hidden = sizes.get("heads"), sizes.get("hidden")
+    head_dim = sizes.get("head_dim") or (hidden // heads if heads and hidden else None)
+    if heads and head_dim:
+        sizes["query"] = heads * head_dim
+        sizes["key"] = sizes.get("kv_heads", heads) * head_dim
+    return sizes
+
+
+def expected_shapes(model: ModelRoles, nodes: list[Node]) -> tuple[dict[str, tuple], list[str]]:
+    """The shape config.json implies for each tensor of the flow graph the model stores,
+    from the family description alone (no transformers): tagged axes are as wide as their
+    spaces, untagged ones as their `extents` say. Also the names whose shape the config
+    leaves open (a role it does not state), for a slower check to settle."""
+    sizes = size_roles(model)
+    shapes: dict[str, tuple] = {}
+    open_names: list[str] = []
+    for param in (p for node in nodes if isinstance(node, Layer) for p in node.params):
+        if not model.has(param.name):
+            continue
+        extents = iter(param.extents)
+        shape = []
+        for axis in param.axes:
+            if axis is None:
+                extent = next(extents, None)
+                if extent is None:
+                    raise ValueError(f"{model.family.name}: {param.name} lacks an extent")
+                shape.append(extent if isinstance(extent, int) else sizes.get(extent))
+            else:
+                roles = [SPACE_ROLES[space.split(".")[0]] for space in axis_spaces(axis)]
+                widths = [sizes.get(role) for role in roles]
+                shape.append(None if None in widths else sum(widths))
+        if None in shape:
+            open_names.append(param.name)
+        else:
+            shapes[param.name] = tuple(shape)
+    return shapes, open_names

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from . import solvers
+from .assignment import match
 from .cost import euclidean, normalized
 
 Pairs = tuple[np.ndarray, np.ndarray]  # (model heads, anchor heads), matched one-to-one
@@ -102,7 +102,7 @@ def match_heads(query_cost: torch.Tensor, group_cost: torch.Tensor) -> tuple[Pai
     (a group pair's cost includes the best matching of its query heads)."""
     heads, groups = query_cost.shape[0], group_cost.shape[0]
     if heads == groups:
-        rows, cols = linear_sum_assignment((query_cost + group_cost).numpy())
+        rows, cols = match((query_cost + group_cost).numpy())
         return (rows, cols), (rows, cols)
     ratio = heads // groups
     blocks = query_cost.reshape(groups, ratio, groups, ratio).permute(0, 2, 1, 3).numpy()
@@ -110,9 +110,9 @@ def match_heads(query_cost: torch.Tensor, group_cost: torch.Tensor) -> tuple[Pai
     inner: dict[tuple[int, int], np.ndarray] = {}
     for gm in range(groups):  # G^2 small (r x r) assignments: heads, not neurons
         for ga in range(groups):
-            r, c = linear_sum_assignment(blocks[gm, ga])
+            r, c = match(blocks[gm, ga])
             inner_cost[gm, ga], inner[gm, ga] = blocks[gm, ga][r, c].sum(), c
-    g_rows, g_cols = linear_sum_assignment(group_cost.numpy() + inner_cost)
+    g_rows, g_cols = match(group_cost.numpy() + inner_cost)
     q_rows = np.concatenate([gm * ratio + np.arange(ratio) for gm in g_rows])
     q_cols = np.concatenate(
         [ga * ratio + inner[gm, ga] for gm, ga in zip(g_rows, g_cols, strict=True)]

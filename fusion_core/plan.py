@@ -21,7 +21,7 @@ from .contract import as_job_error
 from .errors import InputError
 from .families import Attention, Family, Layer, Merge, Node, Param, axis_spaces, resolve_family
 from .headers import Entry, Folder, Headers, LocalFolder, read_file_header, read_headers
-from .limits import COUNT_KEYS, LAYER_KEYS, WIDTH_KEYS, Limits
+from .limits import COUNT_KEYS, LAYER_KEYS, WIDTH_KEYS, Limits, check_config_matches_tensors
 from .plan_costs import SEARCH, CostModel, Estimate, estimate
 from .spec import FusionSpec
 
@@ -148,6 +148,7 @@ def plan(
         try:
             models.append(open_headers(i, folder))
             (limits or Limits()).check_sizes(models[-1])
+            check_config_matches_tensors(models[-1], settle_open=False)
             summaries.append(_summary(models[-1]))
         except InputError as error:  # a model's own fault: at its place in the job
             raise (error if error.field else error.renamed(f"models.{i}")) from None

@@ -18,8 +18,9 @@ Names carry `{i}` (layer index) and `{next}` (i + 1) placeholders, expanded per 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Role = Literal["out", "in"]
 """`out`: the axis holds values of the space's neurons (aligned by averaging onto the anchor's
@@ -52,11 +53,14 @@ class Param:
     # fused source when the anchor ties them (config `tie_word_embeddings`), fused on its
     # own otherwise.
     tied_to: str | None = None
+    # The sizes of its untagged axes, in order: a size role of `Family.sizes` ("vocab",
+    # "labels", ...) or a number. Tagged axes are as wide as their spaces.
+    extents: tuple[str | int, ...] = ()
 
     def expand(self, **fmt: int) -> Param:
         axes = tuple(None if a is None else (a[0], _format(a[1], **fmt)) for a in self.axes)
         tied = self.tied_to.format(**fmt) if self.tied_to else None
-        return Param(self.name.format(**fmt), axes, self.optional, tied)
+        return Param(self.name.format(**fmt), axes, self.optional, tied, self.extents)
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,10 @@ class Family:
     # grouped-query attention (absent from a config: as many as "heads").
     config_keys: dict[str, str] = field(default_factory=dict)
     tie_default: bool = True  # `tie_word_embeddings` when a config does not say
+    # config.json -> the size roles its tensors' shapes follow ("hidden", "mlp", "heads",
+    # "kv_heads", "head_dim", "vocab", ...; see sizes.py): roles a config leaves out are
+    # missing, not guessed. The shapes themselves are derived in compat.expected_shapes.
+    sizes: Callable[[Mapping[str, Any]], dict[str, int]] = lambda _config: {}
 
     def nodes(self, architecture: str, num_layers: int) -> list[tuple[str, Node]]:
         """The whole flow graph of one architecture, layers unrolled, in forward order, each
@@ -187,12 +195,16 @@ def linear(
     defines: str | None = None,
     tap: bool = True,
     bias: bool | Literal["optional"] = True,
+    extent: str | None = None,
 ) -> Layer:
     """A dense layer: `weight` (out, in) and `bias` (out), tapped at its output. `bias`:
-    present, absent, or `"optional"` (a config switch such as Llama's `attention_bias`)."""
-    params = [Param(f"{module}.weight", (out, inp))]
+    present, absent, or `"optional"` (a config switch such as Llama's `attention_bias`).
+    `extent`: the size role of an untagged output axis (a classifier's "labels")."""
+    extents = (extent,) if extent else ()
+    params = [Param(f"{module}.weight", (out, inp), extents=extents)]
     if bias:
-        params.append(Param(f"{module}.bias", (out,), optional=bias == "optional"))
+        optional = bias == "optional"
+        params.append(Param(f"{module}.bias", (out,), optional=optional, extents=extents))
     return Layer(tuple(params), defines, Tap("out", module) if tap and defines else None)
 
 

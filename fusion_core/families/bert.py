@@ -2,6 +2,7 @@
 
 from .base import Family, Tap, linear
 from .blocks import encoder_block, mlm_head, text_embeddings
+from .sizes import bert_sizes
 
 BERT = Family(
     name="bert",
@@ -15,11 +16,11 @@ BERT = Family(
     # One embedding TM from the word, position and token-type tables together: they are
     # summed before LayerNorm, so they must share it.
     embeddings=text_embeddings(
-        (
-            "embeddings.word_embeddings",
-            "embeddings.position_embeddings",
-            "embeddings.token_type_embeddings",
-        ),
+        {
+            "embeddings.word_embeddings": "vocab",
+            "embeddings.position_embeddings": "positions",
+            "embeddings.token_type_embeddings": "token_types",
+        },
         Tap("in", "embeddings.LayerNorm"),
         "embeddings.LayerNorm",
     ),
@@ -39,7 +40,7 @@ BERT = Family(
     final=(),
     heads={
         "pooler": (linear("pooler.dense", ("out", "pool"), ("in", "res.{i}"), "pool"),),
-        "classifier": (linear("classifier", None, ("in", "pool")),),
+        "classifier": (linear("classifier", None, ("in", "pool"), extent="labels"),),
         "mlm": mlm_head(
             "cls.predictions.transform.dense",
             "cls.predictions.transform.LayerNorm",
@@ -52,4 +53,5 @@ BERT = Family(
     inputs=("input_ids", "attention_mask", "token_type_ids"),
     token_layout="text",
     config_keys={"layers": "num_hidden_layers", "heads": "num_attention_heads"},
+    sizes=bert_sizes,
 )

@@ -130,9 +130,13 @@ def encoder_block(
     )
 
 
-def text_embeddings(tables: tuple[str, ...], tap: Tap, layer_norm: str | None = None) -> Nodes:
-    """Token (and position, token-type) tables summed into `res.0`: they must share one TM."""
-    params = tuple(Param(f"{t}.weight", (None, ("out", "res.0"))) for t in tables)
+def text_embeddings(tables: dict[str, str], tap: Tap, layer_norm: str | None = None) -> Nodes:
+    """Token (and position, token-type) tables summed into `res.0`: they must share one TM.
+    `tables`: module -> the size role of its rows ("vocab", "positions", "token_types")."""
+    params = tuple(
+        Param(f"{t}.weight", (None, ("out", "res.0")), extents=(rows,))
+        for t, rows in tables.items()
+    )
     nodes: Nodes = (Layer(params, "res.0", tap),)
     return (*nodes, norm(layer_norm, "res.0")) if layer_norm else nodes
 
@@ -144,14 +148,19 @@ def mlm_head(
     into the embedding space (res.0), which the tied decoder reads. The vocabulary bias is
     the decoder's own (DistilBERT) or a head-level `bias` that a stored decoder bias repeats
     (BERT's `cls.predictions.bias`, RoBERTa's `lm_head.bias`)."""
+    vocab = ("vocab",)
     if bias is None:
-        biases = (Param(f"{decoder}.bias", (None,)),)
+        biases = (Param(f"{decoder}.bias", (None,), extents=vocab),)
     else:
-        biases = (Param(bias, (None,)), Param(f"{decoder}.bias", (None,), True, bias))
+        biases = (
+            Param(bias, (None,), extents=vocab),
+            Param(f"{decoder}.bias", (None,), True, bias, vocab),
+        )
+    decoder_weight = Param(f"{decoder}.weight", (None, ("in", "res.0")), True, embeddings, vocab)
     return (
         linear(transform, ("out", "res.0"), ("in", "res.{i}")),
         norm(layer_norm, "res.0"),
-        Layer((Param(f"{decoder}.weight", (None, ("in", "res.0")), True, embeddings), *biases)),
+        Layer((decoder_weight, *biases)),
     )
 
 
@@ -180,4 +189,5 @@ def decoder_block(
 def lm_head(embeddings: str) -> Nodes:
     """A causal LM's output projection from the final stream; tied to the token embeddings
     when the config says so (then usually not stored)."""
-    return (Layer((Param("lm_head.weight", (None, ("in", "res.{i}")), True, embeddings),)),)
+    weight = Param("lm_head.weight", (None, ("in", "res.{i}")), True, embeddings, ("vocab",))
+    return (Layer((weight,)),)

@@ -3,6 +3,7 @@ DistilBertForSequenceClassification."""
 
 from .base import Family, Tap, linear
 from .blocks import encoder_block, mlm_head, text_embeddings
+from .sizes import distilbert_sizes
 
 DISTILBERT = Family(
     name="distilbert",
@@ -14,7 +15,7 @@ DISTILBERT = Family(
         "DistilBertForMaskedLM": ("mlm",),
     },
     embeddings=text_embeddings(
-        ("embeddings.word_embeddings", "embeddings.position_embeddings"),
+        {"embeddings.word_embeddings": "vocab", "embeddings.position_embeddings": "positions"},
         Tap("in", "embeddings.LayerNorm"),
         "embeddings.LayerNorm",
     ),
@@ -35,7 +36,7 @@ DISTILBERT = Family(
     heads={
         "classifier": (
             linear("pre_classifier", ("out", "pool"), ("in", "res.{i}"), "pool"),
-            linear("classifier", None, ("in", "pool")),
+            linear("classifier", None, ("in", "pool"), extent="labels"),
         ),
         "mlm": mlm_head(
             "vocab_transform",
@@ -47,4 +48,5 @@ DISTILBERT = Family(
     buffers=("embeddings.position_ids",),
     inputs=("input_ids", "attention_mask"),
     config_keys={"layers": "n_layers", "heads": "n_heads"},
+    sizes=distilbert_sizes,
 )

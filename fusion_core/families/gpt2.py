@@ -5,6 +5,7 @@ masks stored per layer by older checkpoints (`attn.bias`, `attn.masked_bias`) ar
 
 from .base import Family, Tap, conv1d, norm
 from .blocks import fused_attention, lm_head, mlp, pre_norm_block, text_embeddings
+from .sizes import gpt2_sizes
 
 H = "h.{i}"
 
@@ -13,7 +14,7 @@ GPT2 = Family(
     model_types=("gpt2",),
     base_prefix="transformer.",
     architectures={"GPT2Model": (), "GPT2LMHeadModel": ("lm",)},
-    embeddings=text_embeddings(("wte", "wpe"), Tap("in", "h.0.ln_1")),
+    embeddings=text_embeddings({"wte": "vocab", "wpe": "positions"}, Tap("in", "h.0.ln_1")),
     layer=pre_norm_block(
         fused_attention(f"{H}.attn.c_attn", f"{H}.attn.c_proj"),
         mlp(f"{H}.mlp.c_fc", f"{H}.mlp.c_proj", layer=conv1d),
@@ -24,4 +25,5 @@ GPT2 = Family(
     buffers=(f"{H}.attn.bias", f"{H}.attn.masked_bias"),
     inputs=("input_ids", "attention_mask"),
     config_keys={"layers": "n_layer", "heads": "n_head"},
+    sizes=gpt2_sizes,
 )

@@ -9,13 +9,14 @@ from dataclasses import replace
 
 from .base import Family, Tap, rms_norm
 from .blocks import decoder_block, lm_head, text_embeddings
+from .sizes import llama_sizes
 
 LLAMA = Family(
     name="llama",
     model_types=("llama",),
     base_prefix="model.",
     architectures={"LlamaModel": (), "LlamaForCausalLM": ("lm",)},
-    embeddings=text_embeddings(("embed_tokens",), Tap("out", "embed_tokens")),
+    embeddings=text_embeddings({"embed_tokens": "vocab"}, Tap("out", "embed_tokens")),
     layer=decoder_block(),
     final=(rms_norm("norm", "res.{i}"),),
     heads={"lm": lm_head("embed_tokens.weight")},
@@ -27,6 +28,7 @@ LLAMA = Family(
         "kv_heads": "num_key_value_heads",
     },
     tie_default=False,
+    sizes=llama_sizes,
 )
 
 MISTRAL = replace(

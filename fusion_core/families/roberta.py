@@ -25,7 +25,7 @@ ROBERTA = replace(
         # dense + tanh on the first token, then the projection to the labels
         "classifier": (
             linear("classifier.dense", ("out", "pool"), ("in", "res.{i}"), "pool"),
-            linear("classifier.out_proj", None, ("in", "pool")),
+            linear("classifier.out_proj", None, ("in", "pool"), extent="labels"),
         ),
         "mlm": mlm_head(
             "lm_head.dense",

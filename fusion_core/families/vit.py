@@ -6,6 +6,7 @@ Canonical names are the ones published checkpoints carry; transformers 5 saves
 
 from .base import Family, Layer, Merge, Param, Tap, linear, norm
 from .blocks import encoder_block
+from .sizes import vit_sizes
 
 VIT = Family(
     name="vit",
@@ -23,15 +24,22 @@ VIT = Family(
                 Param(
                     "embeddings.patch_embeddings.projection.weight",
                     (("out", "patch"), None, None, None),
+                    extents=("channels", "patch_size", "patch_size"),
                 ),
                 Param("embeddings.patch_embeddings.projection.bias", (("out", "patch"),)),
             ),
             defines="patch",
             tap=Tap("out", "embeddings.patch_embeddings.projection"),
         ),
-        Layer((Param("embeddings.cls_token", (None, None, ("out", "patch"))),)),
+        Layer((Param("embeddings.cls_token", (None, None, ("out", "patch")), extents=(1, 1)),)),
         Layer(
-            (Param("embeddings.position_embeddings", (None, None, ("out", "pos"))),),
+            (
+                Param(
+                    "embeddings.position_embeddings",
+                    (None, None, ("out", "pos")),
+                    extents=(1, "positions"),  # the patches and the class token
+                ),
+            ),
             defines="pos",
         ),
         Merge(
@@ -58,7 +66,7 @@ VIT = Family(
     final=(norm("layernorm", "res.{i}"),),
     heads={
         "pooler": (linear("pooler.dense", ("out", "pool"), ("in", "res.{i}"), "pool"),),
-        "classifier": (linear("classifier", None, ("in", "res.{i}")),),
+        "classifier": (linear("classifier", None, ("in", "res.{i}"), extent="labels"),),
     },
     renames=(
         (r"^layers\.(\d+)\.", r"encoder.layer.\1."),
@@ -72,4 +80,5 @@ VIT = Family(
     inputs=("pixel_values",),
     token_layout="vision",
     config_keys={"layers": "num_hidden_layers", "heads": "num_attention_heads"},
+    sizes=vit_sizes,
 )
