@@ -364,10 +364,10 @@ def fusion_record(
     prepared: Prepared, anchor, spec, seconds, result: EngineResult, metrics, search=None
 ):
     """The machine-readable recipe written as fusion.json (`search`: how it was chosen)."""
-    from importlib.metadata import version  # not `import ot`: ~1 s of CPU for a version
+    # package metadata, not imports: `import transformers` or `import ot` costs ~1 s each
+    from importlib.metadata import version
 
     import safetensors
-    import transformers
 
     return {
         "otfuse_version": __version__,
@@ -403,7 +403,7 @@ def fusion_record(
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "transformers": transformers.__version__,
+            "transformers": version("transformers"),
             "pot": version("pot"),
             "safetensors": safetensors.__version__,
         },
