@@ -8,6 +8,8 @@ pass `max_shard_size`, one `model.safetensors` when all fit one shard, and
 `model.safetensors.index.json` otherwise): each file gets its final header and size at once,
 and every tensor, or block of its rows, is written in place at its offset when it is
 produced. The folder is a temporary sibling of the output, renamed to it when complete.
+Writes happen on a thread of their own, so the engine computes the next layer while this
+one goes to disk; at most `WRITE_AHEAD_BYTES` wait for it (plus one larger block).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import math
 import os
 import shutil
 import tempfile
+import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +31,8 @@ from .errors import InputError
 from .files import SAFETENSORS_FILE, SAFETENSORS_INDEX, SIDE_FILES
 from .models import ParentModel
 from .spec import DEFAULT_MAX_SHARD_SIZE
+
+WRITE_AHEAD_BYTES = 64 << 20
 
 
 def check_output_dir(out: Path) -> None:
@@ -59,6 +65,71 @@ class _Slot:
     written: int = 0
 
 
+class _WriteBehind:
+    """One thread writing queued blocks in order. A failed write (a full disk) is raised
+    to the producer at its next `put` or at `flush`; `close` discards what is queued."""
+
+    def __init__(self, limit: int = WRITE_AHEAD_BYTES) -> None:
+        self._limit = limit
+        self._queue: deque[tuple[int, int, memoryview, torch.Tensor]] = deque()
+        self._queued = 0
+        self._error: BaseException | None = None
+        self._closed = False
+        self._ready = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="otfuse-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, fd: int, offset: int, data: memoryview, owner: torch.Tensor) -> None:
+        """Queue `data` (a view of `owner`, which the caller no longer changes)."""
+        with self._ready:
+            while self._queue and self._queued + len(data) > self._limit and not self._error:
+                self._ready.wait()
+            self._raise()
+            self._queue.append((fd, offset, data, owner))
+            self._queued += len(data)
+            self._ready.notify_all()
+
+    def flush(self) -> None:
+        with self._ready:
+            while self._queue and not self._error:
+                self._ready.wait()
+            self._raise()
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._queue.clear()
+            self._ready.notify_all()
+        self._thread.join()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._closed:
+                    self._ready.wait()
+                if self._closed:
+                    return
+                fd, offset, data, _ = self._queue[0]
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(fd, data[done:], offset + done)
+            except BaseException as exc:
+                with self._ready:
+                    self._error = exc
+                    self._ready.notify_all()
+                return
+            with self._ready:
+                if self._queue:
+                    self._queue.popleft()
+                    self._queued -= len(data)
+                self._ready.notify_all()
+
+
 def shard_names(count: int) -> list[str]:
     if count == 1:
         return [SAFETENSORS_FILE]
@@ -83,6 +154,7 @@ class CheckpointWriter:
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
         self.slots: dict[str, _Slot] = {}  # canonical name -> its place
         self.bytes_written = 0
+        self._behind = _WriteBehind()
         try:
             self._layout(names, max_shard_size)
         except BaseException:
@@ -143,9 +215,7 @@ class CheckpointWriter:
         data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         if row * row_bytes + len(data) > slot.nbytes:
             raise ValueError(f"{name}: rows {row}+{len(tensor)} past {slot.shape}")
-        fd, offset, done = self._fds[slot.shard], slot.start + row * row_bytes, 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + done)
+        self._behind.put(self._fds[slot.shard], slot.start + row * row_bytes, data, tensor)
         slot.written += len(data)
         self.bytes_written += len(data)
         return len(data)
@@ -154,6 +224,7 @@ class CheckpointWriter:
         """Check every tensor was written in full, add the index, config, side files, the
         recipe and the card, and move the folder to `out`. Returns the weight files."""
         try:
+            self._behind.flush()
             missing = [s.key for s in self.slots.values() if s.written != s.nbytes]
             if missing:
                 raise RuntimeError(f"fused checkpoint incomplete: {missing[:3]} not written")
@@ -181,6 +252,8 @@ class CheckpointWriter:
             raise
 
     def _close(self) -> None:
+        if hasattr(self, "_behind"):
+            self._behind.close()
         for fd in getattr(self, "_fds", []):
             os.close(fd)
         self._fds = []

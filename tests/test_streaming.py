@@ -194,3 +194,25 @@ def test_vanilla_refuses_a_non_finite_parent_by_name(tmp_path, bad):
     assert key in str(caught.value) and str(folders[1]) in str(caught.value)
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.*"))
+
+
+def test_a_failed_write_fails_the_fusion_and_leaves_nothing(tmp_path, monkeypatch):
+    """Writes run on a thread of their own: a full disk there still fails the fusion (at the
+    next write or at publishing), and the partial folder is removed."""
+    import fusion_core.writer as writer_module
+
+    parents = _decoder_pair(tmp_path)
+    real, calls = writer_module.os.pwrite, []
+
+    def full_disk(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 3:
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer_module.os, "pwrite", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        fuse(parents, tmp_path / "out", FusionSpec())
+    assert len(calls) > 3
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
