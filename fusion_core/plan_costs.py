@@ -3,7 +3,8 @@ shapes, with every constant in one place (no torch here).
 
 Memory, on the host (and on the GPU for cuda):
 
-    baseline            the process: Python, torch, transformers, fusion_core imported
+    baseline            the process: Python, torch, fusion_core imported (and transformers
+                        where a live model runs: activations, a search's scoring)
   + parents resident    file pages of the parents kept mapped (mmap reads stay in RSS)
   + step                the tensors of every parent loaded together (a layer; an attention
                         block's Q, K, V), in float32 on the device times WORK_COPIES (loaded,
@@ -16,7 +17,8 @@ Memory, on the host (and on the GPU for cuda):
                         kernel (SOLVER_COPIES; the plan is made in the kernel), or exact OT's
                         cost and dense permutation plan
   + output buffer       fused bytes held before they are written (the whole model for the
-                        in-memory engine; the streaming one writes rows in place)
+                        in-memory engine; the streaming one writes rows in place, on a
+                        thread that may have up to 64 MiB queued)
   + activations         calibration activations held (activation alignment, weighted merges)
 
 Memory is a timeline: the peak is the largest sum over the steps of the walk of what is held
@@ -69,6 +71,9 @@ class EngineProfile:
     parents_resident: float  # fraction of the parents' file bytes that stays in RSS
     activations_per_layer: bool  # only the current layer's taps held (else all taps)
     stream_gram: bool  # shared residual: stream features accumulated as a Gram matrix
+    write_behind_bytes: float = 0.0  # fused bytes queued for the writing thread, at most
+    # transformers imported whatever the spec (else only for activations)
+    imports_transformers: bool = False
 
 
 CURRENT = EngineProfile(
@@ -81,6 +86,7 @@ CURRENT = EngineProfile(
     parents_resident=1.0,  # safe_open handles stay open: every page read stays mapped
     activations_per_layer=False,
     stream_gram=False,
+    imports_transformers=True,  # the config check built its meta model
 )
 
 STREAMING = EngineProfile(
@@ -93,6 +99,7 @@ STREAMING = EngineProfile(
     parents_resident=0.0,
     activations_per_layer=True,  # spilled to disk, read tap by tap (activations.SpilledTaps)
     stream_gram=True,
+    write_behind_bytes=64 * MIB,  # writer.WRITE_AHEAD_BYTES
 )
 
 
@@ -110,6 +117,7 @@ SEARCH = EngineProfile(
     parents_resident=0.0,
     activations_per_layer=True,
     stream_gram=True,
+    imports_transformers=True,  # candidates are scored by live models
 )
 
 # The engine this code runs (issue 9's streaming engine): the cost model describes it by
@@ -124,15 +132,19 @@ class CostModel:
 
     engine: EngineProfile = ENGINE
     # memory
-    baseline_bytes: float = 520 * MIB  # python + torch + transformers + fusion_core, measured
+    baseline_bytes: float = 225 * MIB  # python + torch + fusion_core, measured
+    transformers_bytes: float = 150 * MIB  # its modeling code, where a live model runs
     cuda_host_bytes: float = 1.5 * (1 << 30)  # the CUDA context's host memory (libraries)
     cuda_device_bytes: float = 0.5 * (1 << 30)  # the CUDA context on the device
     work_copies: float = 2.5  # float32 copies of a step's tensors alive at once (measured)
+    # vanilla: the parents' rows as read (the anchor's made the running mean in place), the
+    # mean in float32 and in the output dtype: 1.0 (float32 parents) to 1.25 (bf16)
+    average_copies: float = 1.25
     solver_copies: float = 3.0  # Sinkhorn's cost, scaled cost and kernel (the plan, in place)
     # time, CPU
     cpu_flops: float = 170e9  # float32 GEMM on 2 idle cores (measured 177e9: CPU s / threads)
     read_bandwidth: float = 2e9  # positioned reads from page cache, checked, to float32
-    prepare_seconds: float = 1.0  # opening parents, the config-vs-tensors check (meta model)
+    prepare_seconds: float = 0.3  # opening parents, the config-vs-tensors check
     write_bandwidth: float = 0.8e9  # safetensors serialization and write, bytes/s
     memory_bandwidth: float = 8.5e9  # float32 elementwise passes, bytes/s (measured 8.8e9)
     elementwise_passes: float = 6.0  # convert, scale, add, convert back... per tensor element
@@ -234,13 +246,15 @@ def estimate(
     read = sum(m.headers.file_bytes for m in models)
     fused = graph.fused()["bytes"]
     base = costs.baseline_bytes + (costs.cuda_host_bytes if cuda else 0)
+    if engine.imports_transformers or spec.needs_activations:
+        base += costs.transformers_bytes
     host_parts: dict[str, float] = {}
     device_parts: dict[str, float] = {}
     host_peak = device_peak = 0.0
     read_so_far = out_so_far = 0
     step_name = ""
     for at, end, params in graph.steps():
-        stored = f32 = out = 0
+        stored = f32 = out = out_step = 0
         for p in params:
             f32_param = 0
             for m in models:
@@ -254,6 +268,7 @@ def estimate(
             f32 = max(f32, f32_param) if averaging else f32 + f32_param
             entry = anchor.entry(p.name)
             out_so_far += entry.nbytes
+            out_step += entry.nbytes
             if cuda:  # the fused rows back on the host, before they are written
                 out += rows(p, entry.shape) * DTYPE_BYTES[entry.dtype]
         alive = [
@@ -265,12 +280,13 @@ def estimate(
             "plans": sum(plan_bytes(m) for m in alive if m not in solving),
             "solver": max((solver_bytes(m) for m in solving), default=0.0),
             "activations": acts,
-            "step": costs.work_copies * f32,
+            "step": (costs.average_copies if averaging else costs.work_copies) * f32,
         }
         host = {
             "baseline": base,
             "parents resident": engine.parents_resident * read_so_far,
-            "output buffer": min(out_so_far, engine.shard_bytes) * engine.output_copies,
+            "output buffer": min(out_so_far, engine.shard_bytes) * engine.output_copies
+            + min(out_step, engine.write_behind_bytes),  # the writer keeps up: one step
             "step on the host": stored + out,
         }
         if cuda:
