@@ -28,11 +28,13 @@ from .models import ParentModel
 from .progress import Progress
 from .spec import FusionSpec
 from .transport import (
+    ScaledPlan,
     apply_on_axis,
     as_permutation,
-    in_map,
+    in_scaled,
     merge_plans,
     out_map,
+    out_scaled,
     permutation_distance,
 )
 
@@ -110,7 +112,7 @@ class Engine:
         if self.attention:
             self.heads, self.groups = self.anchor.config_value("heads"), self.anchor.kv_heads
             check_attention_policy(self.nodes, spec, self.anchor)
-        self._maps: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._maps: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | ScaledPlan]] = {}
         # per rectangular plan (by id): the RMS-preserving scale of each anchor neuron
         self._scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         shared = spec.residual == "shared" and spec.method == "ot"  # vanilla: no plans to share
@@ -335,6 +337,7 @@ class Engine:
             return
         anchor_tensors = {p.name: self._load(self.anchor, p.name) for p in params}
         total = {n: t * self.weight[self.anchor.index] for n, t in anchor_tensors.items()}
+        # (the anchor's tensors stay as read: they are the features of this layer's costs)
         for model in self.others:
             tensors = {p.name: self._load(model, p.name) for p in params}
             # Input axes, and output axes of spaces defined earlier, are mapped first: that
@@ -348,7 +351,7 @@ class Engine:
                 for p in params:
                     tensors[p.name] = self._align(model, p, tensors[p.name], only=spaces)
             for name, tensor in tensors.items():
-                total[name] = total[name] + tensor * self.weight[model.index]
+                total[name].add_(tensor, alpha=self.weight[model.index])
             del tensors
         if emit:
             for name, tensor in total.items():
@@ -456,7 +459,7 @@ class Engine:
         attention = self.attention.get(space)
         return attention is not None and attention.query == space and self.spec.rectangular == "rms"
 
-    def _map(self, plan: torch.Tensor, role: str) -> torch.Tensor:
+    def _map(self, plan: torch.Tensor, role: str) -> torch.Tensor | ScaledPlan:
         """The normalized map of a plan (or its permutation indices), computed once."""
         key = (id(plan), role)
         if key not in self._maps:
@@ -465,12 +468,12 @@ class Engine:
             if permutation is not None:
                 mapped = permutation
             else:
-                mapped = out_map(plan) if role == "out" else in_map(plan)
+                mapped = out_scaled(plan) if role == "out" else in_scaled(plan)
                 scale = self._rectangular_scale(plan)
                 if scale is not None and role == "out":
-                    mapped = mapped * scale[None, :]
+                    mapped = mapped.then(scale)
                 elif scale is not None and self.spec.rectangular == "rms":
-                    mapped = mapped / scale[None, :]  # consumers undo it
+                    mapped = mapped.then(1 / scale)  # consumers undo it
             self._maps[key] = (plan, mapped)  # holding the plan keeps its id unique
         return self._maps[key][1]
 
@@ -534,7 +537,7 @@ class Engine:
                 cost = block_cost(model_rows, anchor_rows)
                 plans[space] = solvers.solve(cost, self.spec.solver, self.spec.reg)
                 self._keep_scale(plans[space], model_rows)
-            self._record(model, (space,), plans[space], float((plans[space] * cost).sum()))
+            self._record(model, (space,), plans[space], _total_cost(plans[space], cost))
             del cost
 
     def _solve_attention(self, model: ParentModel, attention: Attention, current: Current):
@@ -551,7 +554,7 @@ class Engine:
                 self._keep_scale(plan, [b for s in members for b in rows[s][0]])
                 for space in members:
                     plans[space] = plan
-                self._record(model, members, plan, float((plan * cost).sum()))
+                self._record(model, members, plan, _total_cost(plan, cost))
             plans[attention.output] = plans[v]
             return
 
@@ -653,7 +656,7 @@ class Engine:
                 for space in self.stream:
                     self.plans[model.index][space] = plan
                 if number == rounds - 1:
-                    self._record(model, ("stream",), plan, float((plan * cost).sum()))
+                    self._record(model, ("stream",), plan, _total_cost(plan, cost))
             if number < rounds - 1:
                 costs = {model.index: self._gram_cost() for model in self.others}
                 self._walk(emit=False, stream_costs=costs)  # inner plans under this plan
@@ -731,6 +734,11 @@ class Engine:
             return float(r / (r + b).clamp_min(1e-12))
         r, b = residual.mean(0), branch.mean(0)  # weighted-matrix: one weight per neuron
         return r / (r + b).clamp_min(1e-12)
+
+
+def _total_cost(plan: torch.Tensor, cost: torch.Tensor) -> float:
+    """<plan, cost>: the transport cost a plan pays (one pass, no product matrix)."""
+    return float(torch.dot(plan.reshape(-1), cost.to(plan.dtype).reshape(-1)))
 
 
 def _collector(anchor: ParentModel, into: dict[str, torch.Tensor]) -> Sink:

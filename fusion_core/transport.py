@@ -10,6 +10,8 @@ For equal widths both are the same matrix (n * P); for a permutation, the permut
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -21,13 +23,50 @@ def in_map(plan: torch.Tensor) -> torch.Tensor:
     return plan / plan.sum(dim=1, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)
 
 
-def apply_on_axis(tensor: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class ScaledPlan:
+    """The map diag(left) @ plan @ diag(right), never built: normalizing a 3072^2 plan for
+    each role would copy it twice, while scaling the tensor before the product and the
+    result after it costs O(n F). `left` scales model neurons, `right` anchor neurons."""
+
+    plan: torch.Tensor
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+
+    def then(self, scale: torch.Tensor) -> ScaledPlan:
+        """This map, each anchor neuron's output times `scale`."""
+        right = scale if self.right is None else self.right * scale
+        return ScaledPlan(self.plan, self.left, right)
+
+
+def out_scaled(plan: torch.Tensor) -> ScaledPlan:
+    """`out_map(plan)` as a scaled plan."""
+    tiny = torch.finfo(plan.dtype).tiny
+    return ScaledPlan(plan, right=1 / plan.sum(dim=0).clamp_min(tiny))
+
+
+def in_scaled(plan: torch.Tensor) -> ScaledPlan:
+    """`in_map(plan)` as a scaled plan."""
+    tiny = torch.finfo(plan.dtype).tiny
+    return ScaledPlan(plan, left=1 / plan.sum(dim=1).clamp_min(tiny))
+
+
+def apply_on_axis(
+    tensor: torch.Tensor, axis: int, matrix: torch.Tensor | ScaledPlan
+) -> torch.Tensor:
     """Contract `axis` (size n_model) of `tensor` with `matrix` (n_model, n_anchor), or, for
     a permutation given as indices (n_anchor,), gather along it."""
-    if matrix.dtype == torch.long:
+    if isinstance(matrix, torch.Tensor) and matrix.dtype == torch.long:
         return tensor.index_select(axis, matrix)
     moved = tensor.movedim(axis, -1)
-    return (moved @ matrix.to(moved.dtype)).movedim(-1, axis)
+    if isinstance(matrix, torch.Tensor):
+        return (moved @ matrix.to(moved.dtype)).movedim(-1, axis)
+    if matrix.left is not None:
+        moved = moved * matrix.left.to(moved.dtype)
+    product = moved @ matrix.plan.to(moved.dtype)
+    if matrix.right is not None:
+        product.mul_(matrix.right.to(product.dtype))
+    return product.movedim(-1, axis)
 
 
 def as_permutation(plan: torch.Tensor) -> torch.Tensor | None:
