@@ -74,6 +74,7 @@ class EngineProfile:
     write_behind_bytes: float = 0.0  # fused bytes queued for the writing thread, at most
     # transformers imported whatever the spec (else only for activations)
     imports_transformers: bool = False
+    normalized_maps: bool = False  # a normalized copy of each soft plan per role it maps
 
 
 CURRENT = EngineProfile(
@@ -86,6 +87,7 @@ CURRENT = EngineProfile(
     parents_resident=1.0,  # safe_open handles stay open: every page read stays mapped
     activations_per_layer=False,
     stream_gram=False,
+    normalized_maps=True,
     imports_transformers=True,  # the config check built its meta model
 )
 
@@ -203,11 +205,13 @@ def estimate(
     sinkhorn = graph.ot and spec.solver == "sinkhorn"
 
     def plan_bytes(m) -> float:
-        """The plan, and a normalized map per role it is applied in (soft plans; a hard
-        square plan is applied as gather indices)."""
+        """The plan (soft maps are applied as the plan and scaling vectors; a hard square
+        plan also as gather indices), and for the in-memory engine a normalized map per
+        role it is applied in."""
         square = all(a == b for a, b in m.shapes)
-        copies = 1 if (hard and square and m.how != "merge") else 1 + len(m.roles)
-        return copies * sum(4 * a * b for a, b in m.shapes)
+        hard_square = hard and square and m.how != "merge"
+        maps = len(m.roles) if engine.normalized_maps and not hard_square else 0
+        return (1 + maps) * sum(4 * a * b for a, b in m.shapes)
 
     def solver_bytes(m) -> float:
         """The solver's memory while it solves `m`: Sinkhorn's copies (float64 for small
