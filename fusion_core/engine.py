@@ -28,6 +28,7 @@ from .models import ParentModel
 from .progress import Progress
 from .spec import FusionSpec
 from .transport import (
+    GatheredMap,
     ScaledPlan,
     apply_on_axis,
     as_permutation,
@@ -61,6 +62,8 @@ class EngineResult:
     # with keep_plans: "model<i>/<record space>" -> the plan (CPU, float32)
     kept_plans: dict[str, torch.Tensor] = field(default_factory=dict)
 
+
+Map = torch.Tensor | ScaledPlan | GatheredMap  # how a plan is applied (transport.apply_on_axis)
 
 # Receives each fused tensor, or a block of its rows starting at the given row, under its
 # canonical name (a tied copy is sent again under its own name).
@@ -112,7 +115,7 @@ class Engine:
         if self.attention:
             self.heads, self.groups = self.anchor.config_value("heads"), self.anchor.kv_heads
             check_attention_policy(self.nodes, spec, self.anchor)
-        self._maps: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | ScaledPlan]] = {}
+        self._maps: dict[tuple[int, str], tuple[torch.Tensor, Map]] = {}
         # per rectangular plan (by id): the RMS-preserving scale of each anchor neuron
         self._scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         shared = spec.residual == "shared" and spec.method == "ot"  # vanilla: no plans to share
@@ -459,12 +462,19 @@ class Engine:
         attention = self.attention.get(space)
         return attention is not None and attention.query == space and self.spec.rectangular == "rms"
 
-    def _map(self, plan: torch.Tensor, role: str) -> torch.Tensor | ScaledPlan:
+    def _map(self, plan: torch.Tensor, role: str) -> Map:
         """The normalized map of a plan (or its permutation indices), computed once."""
         key = (id(plan), role)
         if key not in self._maps:
-            # Only exact solvers produce permutations; checking a soft plan costs a full pass.
-            permutation = as_permutation(plan) if self.spec.solver == "emd" else None
+            # Only exact solvers produce permutations; checking a plan costs two full passes,
+            # so its other role's entry is looked at first.
+            permutation = None
+            if self.spec.solver == "emd":
+                other = self._maps.get((id(plan), "in" if role == "out" else "out"))
+                if other is None:
+                    permutation = as_permutation(plan)
+                elif isinstance(other[1], torch.Tensor):
+                    permutation = other[1]
             if permutation is not None:
                 mapped = permutation
             else:
@@ -474,6 +484,8 @@ class Engine:
                     mapped = mapped.then(scale)
                 elif scale is not None and self.spec.rectangular == "rms":
                     mapped = mapped.then(1 / scale)  # consumers undo it
+                if self.spec.solver == "emd":  # exact plans are sparse: gathers
+                    mapped = GatheredMap.of(mapped) or mapped
             self._maps[key] = (plan, mapped)  # holding the plan keeps its id unique
         return self._maps[key][1]
 

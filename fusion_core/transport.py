@@ -39,6 +39,30 @@ class ScaledPlan:
         return ScaledPlan(self.plan, self.left, right)
 
 
+@dataclass(frozen=True)
+class GatheredMap:
+    """A map whose every anchor neuron draws on at most k model neurons (exact plans: merged
+    permutations, network-simplex plans): anchor neuron j gets sum_t weight[t, j] times
+    model neuron index[t, j], k gathers instead of a dense product."""
+
+    index: torch.Tensor  # (k, n_anchor) long
+    weight: torch.Tensor  # (k, n_anchor)
+
+    @staticmethod
+    def of(scaled: ScaledPlan, most: int = 4) -> GatheredMap | None:
+        """The scaled plan as gathers, when no anchor neuron has more than `most` sources."""
+        plan = scaled.plan
+        k = int((plan != 0).sum(0).amax()) if plan.numel() else 0
+        if not 0 < k <= most or plan.shape[0] < 2 * most:
+            return None
+        weight, index = plan.topk(k, dim=0)
+        if scaled.left is not None:
+            weight = weight * scaled.left[index]
+        if scaled.right is not None:
+            weight = weight * scaled.right[None, :]
+        return GatheredMap(index, weight)
+
+
 def out_scaled(plan: torch.Tensor) -> ScaledPlan:
     """`out_map(plan)` as a scaled plan."""
     tiny = torch.finfo(plan.dtype).tiny
@@ -52,12 +76,20 @@ def in_scaled(plan: torch.Tensor) -> ScaledPlan:
 
 
 def apply_on_axis(
-    tensor: torch.Tensor, axis: int, matrix: torch.Tensor | ScaledPlan
+    tensor: torch.Tensor, axis: int, matrix: torch.Tensor | ScaledPlan | GatheredMap
 ) -> torch.Tensor:
     """Contract `axis` (size n_model) of `tensor` with `matrix` (n_model, n_anchor), or, for
     a permutation given as indices (n_anchor,), gather along it."""
     if isinstance(matrix, torch.Tensor) and matrix.dtype == torch.long:
         return tensor.index_select(axis, matrix)
+    if isinstance(matrix, GatheredMap):
+        shape = [1] * tensor.dim()
+        shape[axis] = -1
+        total = None
+        for index, weight in zip(matrix.index, matrix.weight, strict=True):
+            part = tensor.index_select(axis, index).mul_(weight.to(tensor.dtype).view(shape))
+            total = part if total is None else total.add_(part)
+        return total
     moved = tensor.movedim(axis, -1)
     if isinstance(matrix, torch.Tensor):
         return (moved @ matrix.to(moved.dtype)).movedim(-1, axis)

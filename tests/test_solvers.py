@@ -8,7 +8,17 @@ from scipy.optimize import linear_sum_assignment
 
 from fusion_core.errors import FusionError
 from fusion_core.solvers import emd, sinkhorn, solve
-from fusion_core.transport import apply_on_axis, as_permutation, out_map, permutation_distance
+from fusion_core.transport import (
+    GatheredMap,
+    apply_on_axis,
+    as_permutation,
+    in_map,
+    in_scaled,
+    merge_plans,
+    out_map,
+    out_scaled,
+    permutation_distance,
+)
 
 
 def planted_cost(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,6 +197,27 @@ def test_permutation_plans_are_applied_by_gathering():
     torch.testing.assert_close(
         apply_on_axis(weights, 1, index), apply_on_axis(weights, 1, out_map(plan))
     )
+
+
+def test_sparse_exact_plans_are_applied_by_gathers_equal_to_the_products():
+    """Merged permutations (the residual policy's average of two hard plans) and network
+    simplex plans between different widths have a few sources per anchor neuron: both roles
+    are applied by gathers, with the normalizations and scales of the dense maps."""
+    first, second = emd(planted_cost(24, seed=1)[0]), emd(planted_cost(24, seed=2)[0])
+    rectangular = emd(torch.rand(30, 24, generator=torch.Generator().manual_seed(3)))
+    weights = torch.randn(4, 30, 30)
+    scale = torch.rand(24) + 0.5
+    for plan in (merge_plans(first, second, 0.3), rectangular):
+        n = plan.shape[0]
+        for scaled, dense in ((out_scaled(plan), out_map(plan)), (in_scaled(plan), in_map(plan))):
+            scaled = scaled.then(scale)
+            gathered = GatheredMap.of(scaled)
+            assert gathered is not None and gathered.index.shape[0] <= 4
+            torch.testing.assert_close(
+                apply_on_axis(weights[:, :n], 1, gathered),
+                apply_on_axis(weights[:, :n], 1, dense * scale),
+            )
+    assert GatheredMap.of(out_scaled(sinkhorn(planted_cost(24)[0], 0.1))) is None
 
 
 @pytest.mark.parametrize(
