@@ -104,17 +104,34 @@ def main() -> None:
                 command += ["--cache", str(cache)]
             run = measured(command)
             held = run.extra.get("peak_param_bytes")
-            rows.append((depth, size, mode, run, held))
+            rows.append((depth, size, mode, run, held, model))
             note = f"{depth} layers, {mode}: {run.seconds:.1f} s, {run.peak_rss >> 20} MiB"
             print(note, file=sys.stderr, flush=True)
-    print("\n| layers | checkpoint MiB | mode | wall s | peak RSS MiB | weights held at most MiB |")
-    print("|---|---|---|---|---|---|")
-    for depth, size, mode, run, held in rows:
+    print(
+        "\n| layers | checkpoint MiB | mode | wall s | peak RSS MiB | weights held at most MiB "
+        "| plan MiB (streamed) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for depth, size, mode, run, held, model in rows:
         held_cell = f"{held / 2**20:,.0f}" if held is not None else "all"
+        estimate = collection_estimate(args, model) if mode == "streamed" else None
+        plan_cell = f"{estimate / 2**20:,.0f}" if estimate else ""
         print(
             f"| {depth} | {size / 2**20:,.0f} | {mode} | {run.seconds:.1f} | "
-            f"{run.peak_rss / 2**20:,.0f} | {held_cell} |"
+            f"{run.peak_rss / 2**20:,.0f} | {held_cell} | {plan_cell} |"
         )
+
+
+def collection_estimate(args, model: Path) -> int | None:
+    """`otfuse plan`'s peak for the collection phase of the same job (torch-free)."""
+    sys.path.insert(0, str(REPO))
+    from fusion_core import FusionSpec
+    from fusion_core.plan import LocalFolder, plan
+
+    folder = LocalFolder(model)
+    spec = FusionSpec(alignment="activations", samples=args.sequences)
+    tokens = args.sequences * args.tokens
+    return plan([folder, folder], spec, data_tokens=tokens).estimate.collection_peak_bytes
 
 
 if __name__ == "__main__":

@@ -569,6 +569,8 @@ def format_report(report: PlanReport) -> str:
         )
         parts = [f"{k} {_gib(v)}" for k, v in est.memory.items() if v >= 1 << 20]
         lines.append("    " + ", ".join(parts))
+        if est.collection_peak_bytes is not None:
+            lines.append(f"  peak while collecting activations ~{_gib(est.collection_peak_bytes)}")
         total = ""
         if est.fusions > 1:
             total = f" per fusion, ~{est.job_seconds:.0f} s for the job's {est.fusions} fusions"

@@ -21,6 +21,11 @@ Memory, on the host (and on the GPU for cuda):
                         thread that may have up to 64 MiB queued)
   + activations         calibration activations held (activation alignment, weighted merges)
 
+Before the walk, activations are collected model by model (`activations.collect`): the
+process with transformers, the streamed model's weights (its largest module as stored and
+the 256 MiB it keeps resident) and a batch's forward pass (FORWARD_COPIES float32 tensors of
+its tokens by the widest space); the taps go to disk. The peak is the larger of the two.
+
 Memory is a timeline: the peak is the largest sum over the steps of the walk of what is held
 then (plans so far or alive, output so far, the step, its solver).
 
@@ -54,6 +59,8 @@ if TYPE_CHECKING:
     from .spec import FusionSpec
 
 MIB = 1 << 20
+STREAMED_CACHE_BYTES = 256 * MIB  # streamed.CACHE_BYTES: weights kept between batches
+COLLECTION_BATCH = 32  # activations.BATCH_SIZE: sequences per forward pass
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,9 @@ class CostModel:
     cuda_host_bytes: float = 1.5 * (1 << 30)  # the CUDA context's host memory (libraries)
     cuda_device_bytes: float = 0.5 * (1 << 30)  # the CUDA context on the device
     work_copies: float = 2.5  # float32 copies of a step's tensors alive at once (measured)
+    # a collection batch's float32 activations alive at once, by the widest space (a
+    # SwiGLU MLP's gate, up and their product; the chunk being spilled)
+    forward_copies: float = 3.0
     # vanilla: the parents' rows as read (the anchor's made the running mean in place), the
     # mean in float32 and in the output dtype: 1.0 (float32 parents) to 1.25 (bf16)
     average_copies: float = 1.25
@@ -173,6 +183,7 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     fusions: int = 1  # fusions the job runs (a sweep or recipe search: one per point)
     job_seconds: float = 0.0  # all of them
+    collection_peak_bytes: int | None = None  # host peak while collecting activations
 
 
 def estimate(
@@ -313,6 +324,20 @@ def estimate(
         if cuda and costs.cuda_device_bytes + stream_bytes > device_peak:
             device_parts = {"context": costs.cuda_device_bytes, "shared stream": stream_bytes}
             device_peak = sum(device_parts.values())
+    collection_peak = None
+    if spec.needs_activations and not cuda:  # collection, before the walk
+        batch_tokens = tokens * min(1.0, COLLECTION_BATCH / max(spec.samples, 1))
+        widest = max([graph.width(anchor, s) for s in graph.all_spaces()], default=0)
+        largest = max((e.nbytes for m in models for e in m.headers.entries.values()), default=0)
+        host = {
+            "baseline": base,
+            "collection: weights held": largest + STREAMED_CACHE_BYTES,
+            "collection: forward pass": costs.forward_copies * 4 * batch_tokens * widest,
+        }
+        collection_peak = int(sum(host.values()))
+        if collection_peak > host_peak:
+            host_peak, host_parts, step_name = collection_peak, host, ""
+            notes.append("peak while collecting activations")
     memory = {k: int(v) for k, v in host_parts.items()}
     memory |= {f"device: {k}": int(v) for k, v in device_parts.items()}
     if step_name:
@@ -381,4 +406,5 @@ def estimate(
         notes=notes,
         fusions=fusions,
         job_seconds=sum(time.values()) * fusions,
+        collection_peak_bytes=collection_peak,
     )

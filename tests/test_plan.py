@@ -205,3 +205,21 @@ def test_a_search_is_planned_in_memory_and_one_recipe_streaming(folders):
     assert alone.engine == STREAMING.name
     assert searched.engine != STREAMING.name and "search" in searched.engine
     assert searched.host_peak_bytes > alone.host_peak_bytes
+
+
+def test_activation_collection_is_its_own_phase_of_the_peak(tmp_path):
+    """Collecting activations holds the streamed model's largest module, its resident cache
+    and a batch's forward pass, whatever the depth; a weights-based plan has no such phase."""
+    from fusion_core.plan import LocalFolder, plan
+    from fusion_core.plan_costs import STREAMED_CACHE_BYTES
+
+    peaks = {}
+    for layers in (2, 6):
+        folder = save(tiny_decoder(layers=layers, seed=1), tmp_path / f"d{layers}")
+        models = [LocalFolder(folder), LocalFolder(folder)]
+        spec = FusionSpec(alignment="activations", samples=64)
+        estimate = plan(models, spec, data_tokens=64 * 16).estimate
+        peaks[layers] = estimate.collection_peak_bytes
+        assert plan(models, FusionSpec()).estimate.collection_peak_bytes is None
+    assert peaks[2] == peaks[6] > STREAMED_CACHE_BYTES + CostModel().baseline_bytes
+    assert peaks[2] <= plan(models, spec, data_tokens=64 * 16).estimate.host_peak_bytes
