@@ -20,7 +20,7 @@ import torch
 
 from . import solvers
 from .compat import STREAM_REFINEMENTS, check_attention_policy
-from .cost import GramCost, block_cost, neuron_rows, pairwise_cost
+from .cost import GramCost, block_cost, neuron_rows
 from .errors import CancelledError, IncompatibleModelsError, InputError
 from .families import Attention, Layer, Merge, Node, Param, Tap, axis_spaces
 from .heads import HeadSet, head_matched_plans, output_plan
@@ -656,15 +656,13 @@ class Engine:
         costs: dict[int, GramCost] | None = None
         for number in range(rounds):
             for model in self.others:
-                rows, summary = None, None
                 if self.spec.alignment == "activations":
-                    model_features, anchor_features = self._stream_activations(model)
-                    cost, rows = pairwise_cost(model_features, anchor_features), [model_features]
+                    summary = self._stream_activations(model)
                 else:
                     summary = self._stream_weights(model) if costs is None else costs[model.index]
-                    cost = summary.cost()
+                cost = summary.cost()
                 plan = solvers.solve(cost, self.spec.solver, self.spec.reg)
-                self._keep_scale(plan, rows, summary)
+                self._keep_scale(plan, summary=summary)
                 for space in self.stream:
                     self.plans[model.index][space] = plan
                 if number == rounds - 1:
@@ -714,8 +712,10 @@ class Engine:
     def _gram_cost(self) -> GramCost:
         return GramCost(model_gram=self.rms_rectangular)
 
-    def _stream_activations(self, model: ParentModel):
-        """The stream's activations at every residual addition, each tap at unit scale."""
+    def _stream_activations(self, model: ParentModel) -> GramCost:
+        """The stream's activations at every residual addition, each tap at unit scale,
+        accumulated tap by tap (a spilled tap is read when its turn comes: the taps of every
+        layer are never held together)."""
         taps = dict.fromkeys(
             t
             for n in self.nodes
@@ -723,13 +723,14 @@ class Engine:
             for t in (n.residual_tap, n.branch_tap)
             if t is not None
         )
-        features = []
-        for index in (model.index, self.anchor.index):
-            rows = [self.acts[index][t] for t in taps]
-            features.append(
-                torch.cat([r / r.pow(2).mean().sqrt().clamp_min(1e-12) for r in rows]).T
+        summary = self._gram_cost()
+        for tap in taps:
+            model_rows, anchor_rows = (
+                rows / rows.pow(2).mean().sqrt().clamp_min(1e-12)
+                for rows in (self.acts[model.index][tap], self.acts[self.anchor.index][tap])
             )
-        return features[0], features[1]
+            summary.add(model_rows.T, anchor_rows.T)  # (tokens, n) -> a row per neuron
+        return summary
 
     def _residual_beta(self, node: Merge) -> torch.Tensor | float:
         policy = self.spec.residual

@@ -235,23 +235,26 @@ def estimate(
             return entries * (8 if all(a == b for a, b in m.shapes) else 20)
         return costs.solver_copies * entries * (8 if entries <= 4_000_000 and not cuda else 4)
 
-    # the shared residual stream (weights): its features, solved before the walk
+    # the shared residual stream: its Gram matrices (and one tap), solved before the walk
+    tokens = data_tokens or costs.default_tokens
     stream_bytes = 0.0
-    if graph.stream and spec.alignment == "weights":
+    if graph.stream:
         n_stream = graph.width(anchor, next(iter(graph.stream)))
         if engine.stream_gram:
             stream_bytes = 2 * 4 * n_stream * n_stream * len(others)
-        else:  # every stream row of the model and the anchor, concatenated in float32
+            if spec.alignment == "activations":  # one tap of the model and the anchor
+                stream_bytes += 2 * 4 * n_stream * min(tokens, spec.max_tokens)
+        elif spec.alignment == "weights":  # every stream row of both, concatenated
             stream_bytes = 2 * 4 * n_stream * graph.features("stream") * len(others)
 
     # activations held while the walk runs
-    tokens = data_tokens or costs.default_tokens
     acts = 0.0
     if spec.needs_activations:
         held = min(tokens, spec.max_tokens)
         taps = graph.taps()
         shared_stream = spec.residual == "shared" and spec.alignment == "activations"
-        if engine.activations_per_layer and not shared_stream:  # that one map: every layer's
+        # the in-memory engine's shared stream by activations held every layer's taps
+        if engine.activations_per_layer and (engine.stream_gram or not shared_stream):
             layers = max(1, graph.anchor.config_value("layers"))
             taps = taps[: max(1, math.ceil(len(taps) / layers))]
         acts = len(models) * 4 * held * sum(width for _, width in taps)
