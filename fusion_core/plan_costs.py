@@ -332,9 +332,10 @@ def estimate(
         batch_tokens = tokens * min(1.0, COLLECTION_BATCH / max(spec.samples, 1))
         widest = max([graph.width(anchor, s) for s in graph.all_spaces()], default=0)
         largest = max((e.nbytes for m in models for e in m.headers.entries.values()), default=0)
+        whole = max((m.headers.file_bytes for m in models), default=0)  # a cache holds no more
         host = {
             "baseline": base,
-            "collection: weights held": largest + STREAMED_CACHE_BYTES,
+            "collection: weights held": min(largest + STREAMED_CACHE_BYTES, whole),
             "collection: forward pass": costs.forward_copies * 4 * batch_tokens * widest,
         }
         collection_peak = int(sum(host.values()))
