@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from .errors import IncompatibleModelsError, InputError
 from .families import Attention, Family, Layer, Node, Param, axis_spaces, canonical_name
+from .families.sizes import config_sizes
 
 STREAM_REFINEMENTS = 2  # weights-based shared stream: re-solve it after the inner plans
 
@@ -207,7 +208,7 @@ SPACE_ROLES = {
 def size_roles(model: ModelRoles) -> dict[str, int]:
     """The family's size roles of a config, plus the widths of queries and keys/values
     (heads x head_dim; head_dim is hidden / heads unless the config says otherwise)."""
-    sizes = model.family.sizes(model.config)
+    sizes = config_sizes(model.family, model.config)
     heads, hidden = sizes.get("heads"), sizes.get("hidden")
     head_dim = sizes.get("head_dim") or (hidden // heads if heads and hidden else None)
     if heads and head_dim:

@@ -15,14 +15,6 @@ from dataclasses import dataclass
 import torch
 
 
-def out_map(plan: torch.Tensor) -> torch.Tensor:
-    return plan / plan.sum(dim=0, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)
-
-
-def in_map(plan: torch.Tensor) -> torch.Tensor:
-    return plan / plan.sum(dim=1, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)
-
-
 @dataclass(frozen=True)
 class ScaledPlan:
     """The map diag(left) @ plan @ diag(right), never built: normalizing a 3072^2 plan for
@@ -64,15 +56,23 @@ class GatheredMap:
 
 
 def out_scaled(plan: torch.Tensor) -> ScaledPlan:
-    """`out_map(plan)` as a scaled plan."""
-    tiny = torch.finfo(plan.dtype).tiny
-    return ScaledPlan(plan, right=1 / plan.sum(dim=0).clamp_min(tiny))
+    """The output map: each anchor neuron's column normalized to one unit of mass."""
+    return ScaledPlan(plan, right=1 / plan.sum(dim=0).clamp_min(torch.finfo(plan.dtype).tiny))
 
 
 def in_scaled(plan: torch.Tensor) -> ScaledPlan:
-    """`in_map(plan)` as a scaled plan."""
-    tiny = torch.finfo(plan.dtype).tiny
-    return ScaledPlan(plan, left=1 / plan.sum(dim=1).clamp_min(tiny))
+    """The input map: each model neuron's row normalized, so it is fully reconstructed."""
+    return ScaledPlan(plan, left=1 / plan.sum(dim=1).clamp_min(torch.finfo(plan.dtype).tiny))
+
+
+def out_map(plan: torch.Tensor) -> torch.Tensor:
+    """`out_scaled` built as a matrix (n_model, n_anchor)."""
+    return plan * out_scaled(plan).right[None, :]
+
+
+def in_map(plan: torch.Tensor) -> torch.Tensor:
+    """`in_scaled` built as a matrix (n_model, n_anchor)."""
+    return plan * in_scaled(plan).left[:, None]
 
 
 def apply_on_axis(

@@ -53,7 +53,7 @@ class Param:
     # fused source when the anchor ties them (config `tie_word_embeddings`), fused on its
     # own otherwise.
     tied_to: str | None = None
-    # The sizes of its untagged axes, in order: a size role of `Family.sizes` ("vocab",
+    # The sizes of its untagged axes, in order: a size role (families/sizes.py: "vocab",
     # "labels", ...) or a number. Tagged axes are as wide as their spaces.
     extents: tuple[str | int, ...] = ()
 
@@ -163,10 +163,11 @@ class Family:
     # grouped-query attention (absent from a config: as many as "heads").
     config_keys: dict[str, str] = field(default_factory=dict)
     tie_default: bool = True  # `tie_word_embeddings` when a config does not say
-    # config.json -> the size roles its tensors' shapes follow ("hidden", "mlp", "heads",
-    # "kv_heads", "head_dim", "vocab", ...; see sizes.py): roles a config leaves out are
-    # missing, not guessed. The shapes themselves are derived in compat.expected_shapes.
-    sizes: Callable[[Mapping[str, Any]], dict[str, int]] = lambda _config: {}
+    # size role -> config.json key, read where present (see sizes.py): with config_keys'
+    # heads, what the tensors' shapes follow (compat.expected_shapes)
+    size_keys: dict[str, str] = field(default_factory=dict)
+    # sizes a family computes from its config and the roles read (GPT-2's null n_inner)
+    derive_sizes: Callable[[Mapping[str, Any], dict[str, int]], dict[str, int]] | None = None
 
     def nodes(self, architecture: str, num_layers: int) -> list[tuple[str, Node]]:
         """The whole flow graph of one architecture, layers unrolled, in forward order, each

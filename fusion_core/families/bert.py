@@ -2,7 +2,6 @@
 
 from .base import Family, Tap, linear
 from .blocks import encoder_block, mlm_head, text_embeddings
-from .sizes import bert_sizes
 
 BERT = Family(
     name="bert",
@@ -53,5 +52,11 @@ BERT = Family(
     inputs=("input_ids", "attention_mask", "token_type_ids"),
     token_layout="text",
     config_keys={"layers": "num_hidden_layers", "heads": "num_attention_heads"},
-    sizes=bert_sizes,
+    size_keys={
+        "hidden": "hidden_size",
+        "mlp": "intermediate_size",
+        "vocab": "vocab_size",
+        "positions": "max_position_embeddings",
+        "token_types": "type_vocab_size",
+    },
 )

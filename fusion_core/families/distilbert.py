@@ -3,7 +3,6 @@ DistilBertForSequenceClassification."""
 
 from .base import Family, Tap, linear
 from .blocks import encoder_block, mlm_head, text_embeddings
-from .sizes import distilbert_sizes
 
 DISTILBERT = Family(
     name="distilbert",
@@ -48,5 +47,10 @@ DISTILBERT = Family(
     buffers=("embeddings.position_ids",),
     inputs=("input_ids", "attention_mask"),
     config_keys={"layers": "n_layers", "heads": "n_heads"},
-    sizes=distilbert_sizes,
+    size_keys={
+        "hidden": "dim",
+        "mlp": "hidden_dim",
+        "vocab": "vocab_size",
+        "positions": "max_position_embeddings",
+    },
 )

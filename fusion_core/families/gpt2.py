@@ -5,7 +5,7 @@ masks stored per layer by older checkpoints (`attn.bias`, `attn.masked_bias`) ar
 
 from .base import Family, Tap, conv1d, norm
 from .blocks import fused_attention, lm_head, mlp, pre_norm_block, text_embeddings
-from .sizes import gpt2_sizes
+from .sizes import gpt2_mlp
 
 H = "h.{i}"
 
@@ -25,5 +25,11 @@ GPT2 = Family(
     buffers=(f"{H}.attn.bias", f"{H}.attn.masked_bias"),
     inputs=("input_ids", "attention_mask"),
     config_keys={"layers": "n_layer", "heads": "n_head"},
-    sizes=gpt2_sizes,
+    size_keys={
+        "hidden": "n_embd",
+        "mlp": "n_inner",
+        "vocab": "vocab_size",
+        "positions": "n_positions",
+    },
+    derive_sizes=gpt2_mlp,
 )

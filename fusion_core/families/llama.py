@@ -9,7 +9,6 @@ from dataclasses import replace
 
 from .base import Family, Tap, rms_norm
 from .blocks import decoder_block, lm_head, text_embeddings
-from .sizes import llama_sizes
 
 LLAMA = Family(
     name="llama",
@@ -28,7 +27,12 @@ LLAMA = Family(
         "kv_heads": "num_key_value_heads",
     },
     tie_default=False,
-    sizes=llama_sizes,
+    size_keys={
+        "hidden": "hidden_size",
+        "mlp": "intermediate_size",
+        "head_dim": "head_dim",  # null or absent: hidden / heads
+        "vocab": "vocab_size",
+    },
 )
 
 MISTRAL = replace(

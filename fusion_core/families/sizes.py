@@ -1,20 +1,32 @@
 """What sizes a family's tensors, read from config.json under the family's own key names.
 
-Each function returns the size roles a config states (see `Family.sizes`): "hidden" (the
-residual stream), "mlp", "heads", "kv_heads", "head_dim", "vocab", "positions",
-"token_types", "labels" and, for vision, "channels" and "patch_size". A role the config
-leaves out is missing rather than guessed from a library default; the check then asks
-transformers itself (limits.py). Values that no model could have raise InputError.
+`config_sizes` reads the size roles a config states: the family's `config_keys` (heads,
+key/value heads) and `size_keys` ("hidden", "mlp", "head_dim", "vocab", "positions",
+"token_types", "channels", ...), a classifier's "labels" as every transformers config sizes
+it, and what a family derives from them (`derive_sizes`). A role the config leaves out is
+missing rather than guessed from a library default; the check then asks transformers itself
+(limits.py). Values that no model could have raise InputError.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 
+if TYPE_CHECKING:
+    from .base import Family
+
 Config = Mapping[str, Any]
+
+
+def config_sizes(family: Family, config: Config) -> dict[str, int]:
+    keys = {role: key for role, key in family.config_keys.items() if role != "layers"}
+    sizes = _roles(config, keys | family.size_keys) | _labels(config)
+    if family.derive_sizes is not None:
+        sizes |= family.derive_sizes(config, sizes)
+    return sizes
 
 
 def _positive(config: Config, key: str) -> int | None:
@@ -26,7 +38,7 @@ def _positive(config: Config, key: str) -> int | None:
     return value
 
 
-def _roles(config: Config, keys: dict[str, str]) -> dict[str, int]:
+def _roles(config: Config, keys: Mapping[str, str]) -> dict[str, int]:
     found = {role: _positive(config, key) for role, key in keys.items()}
     return {role: value for role, value in found.items() if value is not None}
 
@@ -41,68 +53,17 @@ def _labels(config: Config) -> dict[str, int]:
     return _roles(config, {"labels": "num_labels"}) or {"labels": 2}
 
 
-def _classifier_sizes(keys: dict[str, str]) -> Callable[[Config], dict[str, int]]:
-    """Sizes of an encoder family under its key names, plus its classifier's labels."""
-    return lambda config: _roles(config, keys) | _labels(config)
-
-
-bert_sizes = _classifier_sizes(  # also RoBERTa, XLM-R
-    {
-        "hidden": "hidden_size",
-        "mlp": "intermediate_size",
-        "heads": "num_attention_heads",
-        "vocab": "vocab_size",
-        "positions": "max_position_embeddings",
-        "token_types": "type_vocab_size",
-    }
-)
-distilbert_sizes = _classifier_sizes(
-    {
-        "hidden": "dim",
-        "mlp": "hidden_dim",
-        "heads": "n_heads",
-        "vocab": "vocab_size",
-        "positions": "max_position_embeddings",
-    }
-)
-
-
-def gpt2_sizes(config: Config) -> dict[str, int]:
-    keys = {
-        "hidden": "n_embd",
-        "heads": "n_head",
-        "vocab": "vocab_size",
-        "positions": "n_positions",
-    }
-    sizes = _roles(config, keys) | _roles(config, {"mlp": "n_inner"})
+def gpt2_mlp(config: Config, sizes: dict[str, int]) -> dict[str, int]:
+    """GPT-2's documented meaning of a null `n_inner`: four times the hidden size."""
     if config.get("n_inner") is None and "hidden" in sizes:
-        sizes["mlp"] = 4 * sizes["hidden"]  # GPT-2's documented meaning of a null n_inner
-    return sizes
+        return {"mlp": 4 * sizes["hidden"]}
+    return {}
 
 
-def llama_sizes(config: Config) -> dict[str, int]:  # also Mistral, Qwen2
-    keys = {
-        "hidden": "hidden_size",
-        "mlp": "intermediate_size",
-        "heads": "num_attention_heads",
-        "kv_heads": "num_key_value_heads",  # null or absent: as many as the query heads
-        "head_dim": "head_dim",  # null or absent: hidden / heads
-        "vocab": "vocab_size",
-    }
-    return _roles(config, keys)
-
-
-def vit_sizes(config: Config) -> dict[str, int]:
-    keys = {
-        "hidden": "hidden_size",
-        "mlp": "intermediate_size",
-        "heads": "num_attention_heads",
-        "channels": "num_channels",
-    }
-    sizes = _roles(config, keys) | _labels(config)
+def vit_positions(config: Config, sizes: dict[str, int]) -> dict[str, int]:
+    """Square images and patches: the patches and the class token (a pair of sizes is left
+    to transformers)."""
     image, patch = config.get("image_size"), config.get("patch_size")
     if type(image) is int and type(patch) is int and image > 0 and patch > 0:
-        # square images and patches (a pair of sizes is left to transformers)
-        sizes["patch_size"] = patch
-        sizes["positions"] = (image // patch) ** 2 + 1  # the patches and the class token
-    return sizes
+        return {"patch_size": patch, "positions": (image // patch) ** 2 + 1}
+    return {}

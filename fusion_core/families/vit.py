@@ -6,7 +6,7 @@ Canonical names are the ones published checkpoints carry; transformers 5 saves
 
 from .base import Family, Layer, Merge, Param, Tap, linear, norm
 from .blocks import encoder_block
-from .sizes import vit_sizes
+from .sizes import vit_positions
 
 VIT = Family(
     name="vit",
@@ -80,5 +80,6 @@ VIT = Family(
     inputs=("pixel_values",),
     token_layout="vision",
     config_keys={"layers": "num_hidden_layers", "heads": "num_attention_heads"},
-    sizes=vit_sizes,
+    size_keys={"hidden": "hidden_size", "mlp": "intermediate_size", "channels": "num_channels"},
+    derive_sizes=vit_positions,
 )
