@@ -19,8 +19,8 @@ import math
 import os
 import shutil
 import tempfile
-import threading
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,68 +66,41 @@ class _Slot:
 
 
 class _WriteBehind:
-    """One thread writing queued blocks in order. A failed write (a full disk) is raised
-    to the producer at its next `put` or at `flush`; `close` discards what is queued."""
+    """Blocks written in order by one thread. At most `limit` bytes wait (a larger block
+    waits alone); a failed write (a full disk) is raised to the producer when it waits for
+    that block, at the latest at `flush`. `close` drops what has not started."""
 
     def __init__(self, limit: int = WRITE_AHEAD_BYTES) -> None:
         self._limit = limit
-        self._queue: deque[tuple[int, int, memoryview, torch.Tensor]] = deque()
-        self._queued = 0
-        self._error: BaseException | None = None
-        self._closed = False
-        self._ready = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="otfuse-writer", daemon=True)
-        self._thread.start()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="otfuse-writer")
+        self._queued: deque[tuple[Future, int]] = deque()
+        self._bytes = 0
 
     def put(self, fd: int, offset: int, data: memoryview, owner: torch.Tensor) -> None:
         """Queue `data` (a view of `owner`, which the caller no longer changes)."""
-        with self._ready:
-            while self._queue and self._queued + len(data) > self._limit and not self._error:
-                self._ready.wait()
-            self._raise()
-            self._queue.append((fd, offset, data, owner))
-            self._queued += len(data)
-            self._ready.notify_all()
+        while self._queued and self._bytes + len(data) > self._limit:
+            self._wait_oldest()
+        self._queued.append((self._pool.submit(_write_all, fd, offset, data, owner), len(data)))
+        self._bytes += len(data)
 
     def flush(self) -> None:
-        with self._ready:
-            while self._queue and not self._error:
-                self._ready.wait()
-            self._raise()
+        while self._queued:
+            self._wait_oldest()
 
     def close(self) -> None:
-        with self._ready:
-            self._closed = True
-            self._queue.clear()
-            self._ready.notify_all()
-        self._thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._queued.clear()
 
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
+    def _wait_oldest(self) -> None:
+        future, size = self._queued.popleft()
+        self._bytes -= size
+        future.result()
 
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._queue and not self._closed:
-                    self._ready.wait()
-                if self._closed:
-                    return
-                fd, offset, data, _ = self._queue[0]
-            try:
-                done = 0
-                while done < len(data):
-                    done += os.pwrite(fd, data[done:], offset + done)
-            except BaseException as exc:
-                with self._ready:
-                    self._error = exc
-                    self._ready.notify_all()
-                return
-            with self._ready:
-                if self._queue:
-                    self._queue.popleft()
-                    self._queued -= len(data)
-                self._ready.notify_all()
+
+def _write_all(fd: int, offset: int, data: memoryview, _owner: torch.Tensor) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def shard_names(count: int) -> list[str]:
