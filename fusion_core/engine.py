@@ -29,6 +29,7 @@ from .progress import Progress
 from .spec import FusionSpec
 from .transport import (
     GatheredMap,
+    HeadBlockMap,
     ScaledPlan,
     apply_on_axis,
     as_permutation,
@@ -63,7 +64,8 @@ class EngineResult:
     kept_plans: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-Map = torch.Tensor | ScaledPlan | GatheredMap  # how a plan is applied (transport.apply_on_axis)
+# how a plan is applied (transport.apply_on_axis)
+Map = torch.Tensor | ScaledPlan | GatheredMap | HeadBlockMap
 
 # Receives each fused tensor, or a block of its rows starting at the given row, under its
 # canonical name (a tied copy is sent again under its own name).
@@ -451,7 +453,7 @@ class Engine:
         return tensor
 
     def _apply(self, tensor: torch.Tensor, axis: int, plan: torch.Tensor, role: str, space: str):
-        mapped = apply_on_axis(tensor, axis, self._map(plan, role))
+        mapped = apply_on_axis(tensor, axis, self._map(plan, role, space))
         if role == "out" and self._temperature_space(space):
             # q.k sums over the model's head_dim d_m and is divided by sqrt(d_m); in the anchor's
             # d_a dims the same logits need q scaled by (d_m / d_a) * sqrt(d_a / d_m)
@@ -462,7 +464,7 @@ class Engine:
         attention = self.attention.get(space)
         return attention is not None and attention.query == space and self.spec.rectangular == "rms"
 
-    def _map(self, plan: torch.Tensor, role: str) -> Map:
+    def _map(self, plan: torch.Tensor, role: str, space: str) -> Map:
         """The normalized map of a plan (or its permutation indices), computed once."""
         key = (id(plan), role)
         if key not in self._maps:
@@ -486,8 +488,22 @@ class Engine:
                     mapped = mapped.then(1 / scale)  # consumers undo it
                 if self.spec.solver == "emd":  # exact plans are sparse: gathers
                     mapped = GatheredMap.of(mapped) or mapped
+                heads = self._head_count(space)
+                if heads and isinstance(mapped, ScaledPlan):
+                    mapped = HeadBlockMap.of(mapped, heads) or mapped
             self._maps[key] = (plan, mapped)  # holding the plan keeps its id unique
         return self._maps[key][1]
+
+    def _head_count(self, space: str) -> int:
+        """The heads a head-matched space holds (0: not one): query heads for queries and
+        what the output projection reads, key/value heads for keys and values."""
+        if self.spec.heads == "cross" or not self.attention:
+            return 0
+        attention = self.attention.get(space)
+        if attention is None:
+            outputs = {a.output for a in self.attention.values()}
+            return self.heads if space in outputs else 0
+        return self.heads if space == attention.query else self.groups
 
     def _rectangular_scale(self, plan: torch.Tensor) -> torch.Tensor | None:
         """The scale of each anchor neuron's aligned output for a rectangular plan under the

@@ -475,6 +475,17 @@ class Graph:
             return self.anchor.config_value("heads")
         return self.anchor.kv_heads
 
+    def blocks_of(self, m: TransportMap) -> int:
+        """Diagonal blocks a map is applied by (`transport.HeadBlockMap`): a head-matched
+        map's heads, 1 for a dense map."""
+        if self.spec.heads == "cross":
+            return 1
+        if m.how == "heads":
+            return self.heads_of(m)
+        if m.how == "derived":
+            return self.anchor.config_value("heads")
+        return 1
+
     def product_work(self, maps: list[TransportMap], hard: bool) -> tuple[float, float]:
         """Flops of the dense plan products, and bytes moved by gathers (hard square plans),
         over every tensor of every non-anchor model."""
@@ -496,8 +507,8 @@ class Graph:
                             part = numel / len(axis_spaces(tag))
                             if hard and n_model == n_anchor and m.how != "merge":
                                 gathered += 4 * part
-                            else:
-                                flops += 2 * part * n_anchor
+                            else:  # head-matched maps: one small block per anchor head
+                                flops += 2 * part * n_anchor / self.blocks_of(m)
                             numel = numel // max(n_model, 1) * n_anchor
         return flops, gathered
 

@@ -55,6 +55,45 @@ class GatheredMap:
         return GatheredMap(index, weight)
 
 
+@dataclass(frozen=True)
+class HeadBlockMap:
+    """A map of head-matched attention spaces: each anchor head draws on one model head
+    through a small (d_m, d_a) block, so applying it is a gather of heads and a batched
+    product, `heads` times fewer flops than the dense (heads d_m, heads d_a) plan."""
+
+    source: torch.Tensor  # (heads,) long: the model head of each anchor head
+    blocks: torch.Tensor  # (heads, d_m, d_a), scaled as the map
+
+    @staticmethod
+    def of(scaled: ScaledPlan, heads: int) -> HeadBlockMap | None:
+        """The scaled plan as head blocks, when every anchor head has exactly one model head
+        with nonzero mass (plans from `heads.head_matched_plans`), else None."""
+        plan = scaled.plan
+        n_model, n_anchor = plan.shape
+        if heads < 2 or n_model % heads or n_anchor % heads:
+            return None
+        d_m, d_a = n_model // heads, n_anchor // heads
+        by_head = plan.view(heads, d_m, heads, d_a).transpose(1, 2)  # (model, anchor, d_m, d_a)
+        used = by_head.ne(0).flatten(2).any(-1)  # (model head, anchor head)
+        if not bool((used.sum(0) == 1).all()):
+            return None
+        source = used.to(torch.uint8).argmax(0)
+        blocks = by_head[source, torch.arange(heads, device=plan.device)]
+        if scaled.left is not None:
+            blocks = blocks * scaled.left.view(heads, d_m)[source][:, :, None]
+        if scaled.right is not None:
+            blocks = blocks * scaled.right.view(heads, 1, d_a)
+        return HeadBlockMap(source, blocks.contiguous())
+
+    def apply(self, tensor: torch.Tensor, axis: int) -> torch.Tensor:
+        heads, d_m, d_a = self.blocks.shape
+        moved = tensor.movedim(axis, -1)
+        lead = moved.shape[:-1]
+        rows = moved.reshape(-1, heads, d_m).index_select(1, self.source)  # (R, heads, d_m)
+        out = torch.bmm(rows.transpose(0, 1), self.blocks.to(rows.dtype))  # (heads, R, d_a)
+        return out.transpose(0, 1).reshape(*lead, heads * d_a).movedim(-1, axis)
+
+
 def out_scaled(plan: torch.Tensor) -> ScaledPlan:
     """The output map: each anchor neuron's column normalized to one unit of mass."""
     return ScaledPlan(plan, right=1 / plan.sum(dim=0).clamp_min(torch.finfo(plan.dtype).tiny))
@@ -76,12 +115,16 @@ def in_map(plan: torch.Tensor) -> torch.Tensor:
 
 
 def apply_on_axis(
-    tensor: torch.Tensor, axis: int, matrix: torch.Tensor | ScaledPlan | GatheredMap
+    tensor: torch.Tensor,
+    axis: int,
+    matrix: torch.Tensor | ScaledPlan | GatheredMap | HeadBlockMap,
 ) -> torch.Tensor:
     """Contract `axis` (size n_model) of `tensor` with `matrix` (n_model, n_anchor), or, for
     a permutation given as indices (n_anchor,), gather along it."""
     if isinstance(matrix, torch.Tensor) and matrix.dtype == torch.long:
         return tensor.index_select(axis, matrix)
+    if isinstance(matrix, HeadBlockMap):
+        return matrix.apply(tensor, axis)
     if isinstance(matrix, GatheredMap):
         shape = [1] * tensor.dim()
         shape[axis] = -1

@@ -7,9 +7,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from fusion_core.errors import FusionError
+from fusion_core.heads import HeadSet, head_matched_plans, output_plan
 from fusion_core.solvers import emd, sinkhorn, solve
 from fusion_core.transport import (
     GatheredMap,
+    HeadBlockMap,
     apply_on_axis,
     as_permutation,
     in_map,
@@ -218,6 +220,41 @@ def test_sparse_exact_plans_are_applied_by_gathers_equal_to_the_products():
                 apply_on_axis(weights[:, :n], 1, dense * scale),
             )
     assert GatheredMap.of(out_scaled(sinkhorn(planted_cost(24)[0], 0.1))) is None
+
+
+@pytest.mark.parametrize("d_model", [8, 6])
+def test_head_matched_soft_plans_are_applied_per_head_equal_to_the_products(d_model):
+    """Sinkhorn plans of head-matched spaces (queries, grouped keys/values, what the output
+    projection reads, and heads of different widths) are applied as one small block per
+    anchor head: the same map as the dense plan, with its normalizations and scales."""
+    gen = torch.Generator().manual_seed(5)
+    heads, groups, d_anchor = 4, 2, 8
+    sets = [
+        HeadSet(("q",), torch.randn(heads * d_model, 10, generator=gen), torch.randn(32, 10)),
+        HeadSet(("v",), torch.randn(groups * d_model, 7, generator=gen), torch.randn(16, 7)),
+    ]
+    sets[1].per_group = True
+    result = head_matched_plans(sets, heads, groups, "sinkhorn", 0.05)
+    query, value = result.plans
+    reads = output_plan(value, result.query_pairs, heads, groups)
+    weights = torch.randn(3, heads * d_model, 5, generator=gen)
+    scale = torch.rand(heads * d_anchor, generator=gen) + 0.5
+    for plan, count in ((query, heads), (value, groups), (reads, heads)):
+        n = plan.shape[0]
+        for scaled, dense in ((out_scaled(plan), out_map(plan)), (in_scaled(plan), in_map(plan))):
+            scaled = scaled.then(scale[: plan.shape[1]])
+            blocks = HeadBlockMap.of(scaled, count)
+            assert blocks is not None and blocks.blocks.shape[0] == count
+            torch.testing.assert_close(
+                apply_on_axis(weights[:, :n], 1, blocks),
+                apply_on_axis(weights[:, :n], 1, dense * scale[: plan.shape[1]]),
+            )
+            torch.testing.assert_close(
+                apply_on_axis(weights[0, :n, 0], 0, blocks),
+                apply_on_axis(weights[0, :n, 0], 0, dense * scale[: plan.shape[1]]),
+            )
+    # a plan that moves mass between heads (the cross-head pool) stays dense
+    assert HeadBlockMap.of(out_scaled(sinkhorn(planted_cost(32)[0], 0.1)), heads) is None
 
 
 @pytest.mark.parametrize(
