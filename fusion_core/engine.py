@@ -31,6 +31,7 @@ from .transport import (
     GatheredMap,
     HeadBlockMap,
     ScaledPlan,
+    SparseMap,
     apply_on_axis,
     as_permutation,
     in_scaled,
@@ -65,7 +66,7 @@ class EngineResult:
 
 
 # how a plan is applied (transport.apply_on_axis)
-Map = torch.Tensor | ScaledPlan | GatheredMap | HeadBlockMap
+Map = torch.Tensor | ScaledPlan | GatheredMap | HeadBlockMap | SparseMap
 
 # Receives each fused tensor, or a block of its rows starting at the given row, under its
 # canonical name (a tied copy is sent again under its own name).
@@ -487,7 +488,7 @@ class Engine:
                 elif scale is not None and self.spec.rectangular == "rms":
                     mapped = mapped.then(1 / scale)  # consumers undo it
                 if self.spec.solver == "emd":  # exact plans are sparse: gathers
-                    mapped = GatheredMap.of(mapped) or mapped
+                    mapped = GatheredMap.of(mapped) or SparseMap.of(mapped) or mapped
                 heads = self._head_count(space)
                 if heads and isinstance(mapped, ScaledPlan):
                     mapped = HeadBlockMap.of(mapped, heads) or mapped

@@ -12,6 +12,7 @@ from fusion_core.solvers import emd, sinkhorn, solve
 from fusion_core.transport import (
     GatheredMap,
     HeadBlockMap,
+    SparseMap,
     apply_on_axis,
     as_permutation,
     in_map,
@@ -220,6 +221,26 @@ def test_sparse_exact_plans_are_applied_by_gathers_equal_to_the_products():
                 apply_on_axis(weights[:, :n], 1, dense * scale),
             )
     assert GatheredMap.of(out_scaled(sinkhorn(planted_cost(24)[0], 0.1))) is None
+
+
+def test_exact_plans_with_many_sources_are_applied_by_sparse_products_equal_to_dense():
+    """The residual stream's exact plan after many merges has more sources per anchor
+    neuron than gathers pay for, yet few: a sparse product, equal to the dense one."""
+    plan = emd(planted_cost(96, seed=0)[0])
+    for seed in range(1, 10):  # ten layers' permutations averaged in turn
+        plan = merge_plans(plan, emd(planted_cost(96, seed=seed)[0]), 0.6)
+    weights = torch.randn(5, 96, 7)
+    scale = torch.rand(96) + 0.5
+    for scaled, dense in ((out_scaled(plan), out_map(plan)), (in_scaled(plan), in_map(plan))):
+        scaled = scaled.then(scale)
+        assert GatheredMap.of(scaled) is None
+        sparse = SparseMap.of(scaled, density=1 / 8)
+        assert sparse is not None
+        for axis, tensor in ((1, weights), (0, weights[0]), (0, weights[0, :, 0])):
+            torch.testing.assert_close(
+                apply_on_axis(tensor, axis, sparse), apply_on_axis(tensor, axis, dense * scale)
+            )
+    assert SparseMap.of(out_scaled(sinkhorn(planted_cost(96)[0], 0.1))) is None
 
 
 @pytest.mark.parametrize("d_model", [8, 6])
