@@ -7,7 +7,8 @@ pair, a Llama-3.2-1B-shaped pair (bf16, tied embeddings) and a depth sweep.
 Every run is a subprocess (otfuse through `fusion_core.fuse`, mergekit through its CLI), so
 wall time includes start-up and imports for both, and peak memory is the child's peak
 resident set size as the kernel reports it to `wait4` (ru_maxrss), measured the same way
-for both tools. The parent process never imports torch (parents are made in children too):
+for both tools. Tools take turns, one run each per round, so a drifting machine slows
+them alike. The parent process never imports torch (parents are made in children too):
 a forked child's ru_maxrss starts from its parent's resident size. With --device cuda,
 otfuse runs on the GPU (its peak GPU memory is added) and mergekit gets --cuda. Parents are
 random inits made by this script and cached under --workdir. Prints ONE table; the figures
@@ -241,6 +242,12 @@ class Row:
     def seconds(self) -> float:
         return statistics.median(r.seconds for r in self.runs)
 
+    def ratio(self, what: str) -> float:
+        """Median over rounds of this row's figure over its baseline's in the same round."""
+        assert self.baseline is not None
+        pairs = zip(self.runs, self.baseline.runs, strict=False)
+        return statistics.median(getattr(r, what) / getattr(b, what) for r, b in pairs)
+
     @property
     def cpu(self) -> float:
         return statistics.median(r.cpu for r in self.runs)
@@ -248,6 +255,10 @@ class Row:
     @property
     def peak(self) -> int:
         return max(r.peak_rss for r in self.runs)
+
+
+def method_of(spec: dict) -> str:
+    return spec.get("method") or spec["solver"]
 
 
 def print_table(rows: list[Row], header: str) -> None:
@@ -278,8 +289,8 @@ def print_table(rows: list[Row], header: str) -> None:
             f"{row.seconds:.1f}",
             f"{row.cpu:.1f}",
             f"{row.peak / 2**20:,.0f}",
-            f"{row.seconds / row.baseline.seconds:.2f}" if row.baseline else "",
-            f"{row.cpu / row.baseline.cpu:.2f}" if row.baseline else "",
+            f"{row.ratio('seconds'):.2f}" if row.baseline else "",
+            f"{row.ratio('cpu'):.2f}" if row.baseline else "",
             f"{row.peak / row.baseline.peak:.2f}" if row.baseline else "",
             f"{max(gpu) / 2**20:,.0f}" if gpu else "",
             row.dtype,
@@ -333,45 +344,53 @@ def main() -> None:
             flush=True,
         )
 
-    def otfuse_row(pair, label, models, spec, repeats, baseline):
-        method = spec.get("method") or spec["solver"]
-        if method not in args.methods.split(","):
-            return None
-        runs = [run_otfuse(models, out, spec, args.threads) for _ in range(repeats)]
-        row = Row(pair, label, runs, output_dtypes(out), baseline)
-        row.models, row.spec = models, spec  # predicted after every run (see below)
-        rows.append(row)
-        log(row)
-        return row
+    def pair_rows(pair, models, dtype, tools, repeats, with_mergekit=True):
+        """Every tool once per round, round after round: on a VM whose speed drifts by tens
+        of percent over minutes, each tool then sees the same phases, and each ratio is the
+        median over rounds of otfuse's run against mergekit's in the same round."""
+        tools = [(label, spec) for label, spec in tools if method_of(spec) in methods]
+        if args.mergekit and with_mergekit:
+            tools.insert(0, ("mergekit linear", None))
+        runs = {label: [] for label, _ in tools}
+        dtypes = {}
+        for _ in range(repeats):
+            for label, spec in tools:
+                if spec is None:
+                    run = run_mergekit(args.mergekit, models, out, dtype, cuda)
+                else:
+                    run = run_otfuse(models, out, spec, args.threads)
+                runs[label].append(run)
+                dtypes[label] = output_dtypes(out)
+        baseline = None
+        result = {}
+        for label, spec in tools:
+            row = Row(pair, label, runs[label], dtypes[label], baseline)
+            if spec is None:
+                baseline = row
+            else:
+                row.models, row.spec = models, spec  # predicted after every run (see below)
+            rows.append(row)
+            result[label] = row
+            log(row)
+        return result
 
-    def mergekit_row(pair, models, dtype, repeats):
-        if not args.mergekit:
-            return None
-        runs = [run_mergekit(args.mergekit, models, out, dtype, cuda) for _ in range(repeats)]
-        rows.append(Row(pair, "mergekit linear", runs, output_dtypes(out)))
-        log(rows[-1])
-        return rows[-1]
-
-    depth_rows = {}
+    methods = args.methods.split(",")
     vanilla = {"method": "vanilla", **device}
+    emd = {"solver": "emd", **device}
+    ot_label = "otfuse OT weights, Sinkhorn 0.05"
+    depth_rows = {}
     for part in parts:  # in the order given: the most wanted figures first
         if part == "bert":
-            pair, models = "BERT-base", parents(args.workdir, "bert")
-            mk = mergekit_row(pair, models, "float32", args.repeats)
-            otfuse_row(pair, "otfuse vanilla", models, vanilla, args.repeats, mk)
-            otfuse_row(pair, "otfuse OT weights, Sinkhorn 0.05", models, sinkhorn, args.repeats, mk)
-            emd = {"solver": "emd", **device}
-            otfuse_row(pair, "otfuse OT weights, EMD", models, emd, args.repeats, mk)
+            tools = [("otfuse vanilla", vanilla), (ot_label, sinkhorn)]
+            tools.append(("otfuse OT weights, EMD", emd))
+            models = parents(args.workdir, "bert")
+            pair_rows("BERT-base", models, "float32", tools, args.repeats)
         for layers in {"llama": [16], "depth": [4, 8]}.get(part, []):
             pair, models = f"Llama-1B-shape {layers}L bf16", parents(args.workdir, "llama", layers)
-            mk = None
-            if layers == 16:
-                mk = mergekit_row(pair, models, "bfloat16", args.llama_repeats)
-            repeats = args.llama_repeats
-            depth_rows[layers] = (
-                otfuse_row(pair, "otfuse vanilla", models, vanilla, repeats, mk),
-                otfuse_row(pair, "otfuse OT weights, Sinkhorn 0.05", models, sinkhorn, repeats, mk),
-            )
+            tools = [("otfuse vanilla", vanilla), (ot_label, sinkhorn)]
+            # the depth sweep's shallower pairs: otfuse alone
+            found = pair_rows(pair, models, "bfloat16", tools, args.llama_repeats, layers == 16)
+            depth_rows[layers] = (found.get("otfuse vanilla"), found.get(ot_label))
     for row in rows:  # imports torch: only once no more runs are forked from here
         if hasattr(row, "spec"):
             row.prediction = predicted(row.models, row.spec)
@@ -379,8 +398,9 @@ def main() -> None:
         rows,
         f"otfuse vs mergekit linear, device={args.device}, threads={args.threads}, "
         f"load average {load_before[0]:.1f} before / {os.getloadavg()[0]:.1f} after "
-        f"(1-minute); wall and CPU (user + system) time: median of the runs; peak RSS: the "
-        "largest",
+        f"(1-minute); rounds of one run per tool; wall and CPU (user + system) time: median "
+        "of the runs; x mk: median over rounds of the ratio to mergekit's run in the same "
+        "round; peak RSS: the largest",
     )
     if len(depth_rows) > 1:
         print("\ndepth sweep (same width): per layer count, wall s / peak RSS MiB")

@@ -55,7 +55,8 @@ class GramCost:
             raise ValueError("no features to compare")
         squared = self.gram.mul_(-2).add_(self.model_sq[:, None]).add_(self.anchor_sq[None, :])
         self.gram = None
-        return normalized(squared.clamp_min_(0).sqrt_())
+        distances = squared.clamp_min_(0).sqrt_()
+        return distances.div_(distances.max().clamp_min(torch.finfo(distances.dtype).tiny))
 
 
 def _squared_norms(rows: torch.Tensor) -> torch.Tensor:

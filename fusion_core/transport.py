@@ -70,12 +70,19 @@ class SparseMap:
         plan = scaled.plan
         if plan.dim() != 2 or int(torch.count_nonzero(plan)) > density * plan.numel():
             return None
-        dense = plan if scaled.left is None else plan * scaled.left[:, None]
+        transposed = plan.T.contiguous()
+        anchor, model = transposed.nonzero().unbind(1)  # row-major: CSR order
+        values = transposed[anchor, model]
+        if scaled.left is not None:
+            values = values * scaled.left[model]
         if scaled.right is not None:
-            dense = dense * scaled.right[None, :]
+            values = values * scaled.right[anchor]
+        starts = torch.zeros(plan.shape[1] + 1, dtype=torch.long, device=plan.device)
+        starts[1:] = torch.bincount(anchor, minlength=plan.shape[1]).cumsum(0)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": it is tested here
             warnings.simplefilter("ignore", UserWarning)
-            return SparseMap(dense.T.to_sparse_csr())
+            matrix = torch.sparse_csr_tensor(starts, model, values, size=transposed.shape)
+        return SparseMap(matrix)
 
     def apply(self, tensor: torch.Tensor, axis: int) -> torch.Tensor:
         moved = tensor.movedim(axis, 0)
