@@ -152,6 +152,11 @@ class CostModel:
     # vanilla: the parents' rows as read (the anchor's made the running mean in place), the
     # mean in float32 and in the output dtype: 1.0 (float32 parents) to 1.25 (bf16)
     average_copies: float = 1.25
+    # vanilla over parents stored in another dtype than float32: row blocks of two sizes
+    # (as stored, and float32) cycle through glibc's heap, which keeps freed ones (its mmap
+    # threshold rises with the first freed block): measured 403-575 MiB peak RSS against
+    # 387 MiB live on the 1B bf16 pair, one queue's worth more on average
+    conversion_slack_bytes: float = 128 * MIB
     solver_copies: float = 3.0  # Sinkhorn's cost, scaled cost and kernel (the plan, in place)
     # time, CPU
     cpu_flops: float = 170e9  # float32 GEMM on 2 idle cores (measured 177e9: CPU s / threads)
@@ -273,11 +278,13 @@ def estimate(
     step_name = ""
     for at, end, params in graph.steps():
         stored = f32 = out = out_step = 0
+        converted = False
         for p in params:
             f32_param = 0
             for m in models:
                 if m.has(p.name):
                     entry = m.entry(p.name)
+                    converted = converted or entry.dtype != "F32"
                     n = rows(p, entry.shape)
                     read_so_far += entry.nbytes
                     if cuda:  # on CPU the stored copy is freed as it is converted
@@ -300,6 +307,8 @@ def estimate(
             "activations": acts,
             "step": (costs.average_copies if averaging else costs.work_copies) * f32,
         }
+        if averaging and converted and not cuda:
+            held["allocator"] = costs.conversion_slack_bytes
         host = {
             "baseline": base,
             "parents resident": engine.parents_resident * read_so_far,

@@ -113,7 +113,7 @@ class HeadBlockMap:
         used = by_head.ne(0).flatten(2).any(-1)  # (model head, anchor head)
         if not bool((used.sum(0) == 1).all()):
             return None
-        source = used.to(torch.uint8).argmax(0)
+        source = used.float().argmax(0)
         blocks = by_head[source, torch.arange(heads, device=plan.device)]
         if scaled.left is not None:
             blocks = blocks * scaled.left.view(heads, d_m)[source][:, :, None]
