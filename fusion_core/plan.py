@@ -525,7 +525,7 @@ class Graph:
                                 gathered += 4 * part * sources
                             elif hard and sources <= n_anchor / 32:  # a sparse product
                                 flops += 2 * part * sources * SPARSE_SLOWDOWN
-                            else:  # head-matched maps: one small block per anchor head
+                            else:  # dense; head-matched: one small block per anchor head
                                 flops += 2 * part * n_anchor / self.blocks_of(m)
                             numel = numel // max(n_model, 1) * n_anchor
         return flops, gathered
