@@ -55,8 +55,7 @@ class GramCost:
             raise ValueError("no features to compare")
         squared = self.gram.mul_(-2).add_(self.model_sq[:, None]).add_(self.anchor_sq[None, :])
         self.gram = None
-        distances = squared.clamp_min_(0).sqrt_()
-        return distances.div_(distances.max().clamp_min(torch.finfo(distances.dtype).tiny))
+        return normalized(squared.clamp_min_(0).sqrt_(), in_place=True)
 
 
 def _squared_norms(rows: torch.Tensor) -> torch.Tensor:
@@ -92,5 +91,7 @@ def euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return squared.clamp_min_(0).sqrt_()
 
 
-def normalized(cost: torch.Tensor) -> torch.Tensor:
-    return cost / cost.max().clamp_min(torch.finfo(cost.dtype).tiny)
+def normalized(cost: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """The cost divided by its max (`in_place`: a temporary the caller gives up)."""
+    scale = cost.max().clamp_min(torch.finfo(cost.dtype).tiny)
+    return cost.div_(scale) if in_place else cost / scale

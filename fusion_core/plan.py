@@ -521,6 +521,7 @@ class Graph:
                             sources = self.merged_sources(m) if hard else n_anchor
                             if hard and n_model == n_anchor and m.how != "merge":
                                 gathered += 4 * part
+                            # transport.GatheredMap.of's and SparseMap.of's thresholds
                             elif hard and sources <= 4:  # a few gathers
                                 gathered += 4 * part * sources
                             elif hard and sources <= n_anchor / 32:  # a sparse product

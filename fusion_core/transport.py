@@ -31,6 +31,15 @@ class ScaledPlan:
         right = scale if self.right is None else self.right * scale
         return ScaledPlan(self.plan, self.left, right)
 
+    def apply(self, tensor: torch.Tensor, axis: int) -> torch.Tensor:
+        moved = tensor.movedim(axis, -1)
+        if self.left is not None:
+            moved = moved * self.left.to(moved.dtype)
+        product = moved @ self.plan.to(moved.dtype)
+        if self.right is not None:
+            product.mul_(self.right.to(product.dtype))
+        return product.movedim(-1, axis)
+
 
 @dataclass(frozen=True)
 class GatheredMap:
@@ -54,6 +63,15 @@ class GatheredMap:
         if scaled.right is not None:
             weight = weight * scaled.right[None, :]
         return GatheredMap(index, weight)
+
+    def apply(self, tensor: torch.Tensor, axis: int) -> torch.Tensor:
+        shape = [1] * tensor.dim()
+        shape[axis] = -1
+        total = None
+        for index, weight in zip(self.index, self.weight, strict=True):
+            part = tensor.index_select(axis, index).mul_(weight.to(tensor.dtype).view(shape))
+            total = part if total is None else total.add_(part)
+        return total
 
 
 @dataclass(frozen=True)
@@ -109,7 +127,7 @@ class HeadBlockMap:
         if heads < 2 or n_model % heads or n_anchor % heads:
             return None
         d_m, d_a = n_model // heads, n_anchor // heads
-        by_head = plan.view(heads, d_m, heads, d_a).transpose(1, 2)  # (model, anchor, d_m, d_a)
+        by_head = plan.reshape(heads, d_m, heads, d_a).transpose(1, 2)  # (model, anchor, d_m, d_a)
         used = by_head.ne(0).flatten(2).any(-1)  # (model head, anchor head)
         if not bool((used.sum(0) == 1).all()):
             return None
@@ -157,27 +175,12 @@ def apply_on_axis(
 ) -> torch.Tensor:
     """Contract `axis` (size n_model) of `tensor` with `matrix` (n_model, n_anchor), or, for
     a permutation given as indices (n_anchor,), gather along it."""
-    if isinstance(matrix, torch.Tensor) and matrix.dtype == torch.long:
-        return tensor.index_select(axis, matrix)
-    if isinstance(matrix, HeadBlockMap | SparseMap):
+    if not isinstance(matrix, torch.Tensor):  # the map types apply themselves
         return matrix.apply(tensor, axis)
-    if isinstance(matrix, GatheredMap):
-        shape = [1] * tensor.dim()
-        shape[axis] = -1
-        total = None
-        for index, weight in zip(matrix.index, matrix.weight, strict=True):
-            part = tensor.index_select(axis, index).mul_(weight.to(tensor.dtype).view(shape))
-            total = part if total is None else total.add_(part)
-        return total
+    if matrix.dtype == torch.long:
+        return tensor.index_select(axis, matrix)
     moved = tensor.movedim(axis, -1)
-    if isinstance(matrix, torch.Tensor):
-        return (moved @ matrix.to(moved.dtype)).movedim(-1, axis)
-    if matrix.left is not None:
-        moved = moved * matrix.left.to(moved.dtype)
-    product = moved @ matrix.plan.to(moved.dtype)
-    if matrix.right is not None:
-        product.mul_(matrix.right.to(product.dtype))
-    return product.movedim(-1, axis)
+    return (moved @ matrix.to(moved.dtype)).movedim(-1, axis)
 
 
 def as_permutation(plan: torch.Tensor) -> torch.Tensor | None:
