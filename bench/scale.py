@@ -388,6 +388,8 @@ def main() -> None:
         for layers in {"llama": [16], "depth": [4, 8]}.get(part, []):
             pair, models = f"Llama-1B-shape {layers}L bf16", parents(args.workdir, "llama", layers)
             tools = [("otfuse vanilla", vanilla), (ot_label, sinkhorn)]
+            if layers == 16:  # hard plans at 1B: exact assignments of 8192 neurons, gathers
+                tools.append(("otfuse OT weights, EMD", emd))
             # the depth sweep's shallower pairs: otfuse alone
             found = pair_rows(pair, models, "bfloat16", tools, args.llama_repeats, layers == 16)
             depth_rows[layers] = (found.get("otfuse vanilla"), found.get(ot_label))
