@@ -12,5 +12,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 OTFUSE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_exactness.py tests/test_heterogeneous.py tests/test_self_fusion.py
 python3 bench/bert_base_timing.py --device cuda --workdir /tmp/bench-bert
-# Exact assignment: lapx on the host's cores against a batched torch auction on the GPU
-python3 bench/assignment.py --device cuda --repeats 2
+# Exact assignment: JV on the host against the integer auction on the GPU (its round time
+# decides AUCTION_MIN_N, now set from an estimate)
+python3 bench/assignment.py --device cuda --repeats 2  # BERT-base: JV should win
+python3 bench/assignment.py --device cuda --problems 1 --n 8192 --features 4096 --repeats 2 --costs random-init

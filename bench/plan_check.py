@@ -238,7 +238,7 @@ def predictions(workdir: Path) -> None:
     )
     for name, config in (("llama-1b", LLAMA_1B), ("llama-8b", LLAMA_3_8B)):
         folders = make_sparse_pair(workdir, name, config)
-        for case in ("vanilla", "sinkhorn"):
+        for case in ("vanilla", "sinkhorn", "emd"):
             for engine in (CURRENT, STREAMING):
                 for device in ("cpu", "cuda"):
                     spec = FusionSpec(**{**CASES[case].__dict__, "device": device})

@@ -34,7 +34,8 @@ Time = PREPARE_SECONDS + bytes read / READ_BANDWIDTH + bytes written / WRITE_BAN
 and plan products
 (dense soft plans: 2 n_a per element; hard plans: gathers, as memory passes) / the device's
 flop rate + solver time (Sinkhorn: SINKHORN_PASSES passes over each n_m x n_a kernel; EMD: the
-assignment's n^3 worst case) + forward passes for activations.
+assignment's n^3 worst case on the host, or on a GPU for problems of AUCTION_MIN_N and more
+the auction's rounds, ~2.4 n, at a launch-bound time each) + forward passes for activations.
 
 The engine's own structure is an `EngineProfile`: the in-memory engine (before issue 9) held
 every plan of a walk and the whole fused model until it wrote it; the streaming engine, which
@@ -51,6 +52,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .assignment import AUCTION_MIN_N
 from .compat import STREAM_REFINEMENTS
 from .headers import DTYPE_BYTES
 
@@ -172,6 +174,11 @@ class CostModel:
     cuda_memory_bandwidth: float = 1.5e12
     cuda_transfer_bandwidth: float = 12e9
     cuda_seconds_per_pass: float = 30e-6  # one Sinkhorn pass on small problems: launches
+    # exact EMD's auction (problems of AUCTION_MIN_N and more): rounds per neuron (measured
+    # 1.7-2.4 on random-init costs, counted on CPU) and the time of a round (a few dozen
+    # launches and two host syncs; an estimate)
+    auction_rounds_per_n: float = 2.4
+    cuda_seconds_per_round: float = 200e-6
     default_tokens: int = 200 * 128  # activation tokens when the data's shape is not known
 
 
@@ -229,6 +236,11 @@ def estimate(
         maps = len(m.roles) if engine.normalized_maps and not hard_square else 0
         return (1 + maps) * sum(4 * a * b for a, b in m.shapes)
 
+    def auction(m) -> bool:
+        """Whether exact OT solves `m` with the auction on the GPU (`assignment.assign`)."""
+        square = all(a == b for a, b in m.shapes)
+        return cuda and square and m.how == "ot" and max(a for a, _ in m.shapes) >= AUCTION_MIN_N
+
     def solver_bytes(m) -> float:
         """The solver's memory while it solves `m`: Sinkhorn's copies (float64 for small
         problems on CPU); exact OT's cost and dense plan (an assignment, float32), or POT's
@@ -237,6 +249,8 @@ def estimate(
             return 0.0
         entries = max(a * b for a, b in m.shapes) / (graph.heads_of(m) if m.how == "heads" else 1)
         if not sinkhorn:
+            if auction(m):  # float32 cost, int64 costs, one problem converted in float64
+                return entries * 20
             return entries * (8 if all(a == b for a, b in m.shapes) else 20)
         return costs.solver_copies * entries * (8 if entries <= 4_000_000 and not cuda else 4)
 
@@ -376,7 +390,10 @@ def estimate(
     for m in solved:
         for a, b in m.shapes:
             entries = a * b / (graph.heads_of(m) if m.how == "heads" else 1)
-            if spec.solver == "emd":
+            if spec.solver == "emd" and auction(m):
+                rounds = costs.auction_rounds_per_n * a
+                solver_seconds += rounds * costs.cuda_seconds_per_round
+            elif spec.solver == "emd":
                 solver_seconds += costs.emd_seconds_per_n3 * max(a, b) ** 3
             elif cuda:
                 solver_seconds += costs.sinkhorn_passes * (

@@ -20,7 +20,7 @@ from factories import (
 )
 from safetensors.torch import load_file
 
-from fusion_core import FusionSpec, fuse
+from fusion_core import FusionSpec, assignment, fuse
 
 lm_data = partial(text_data, labels=False)
 
@@ -233,3 +233,27 @@ def test_bf16_parents_fuse_back_exactly_and_stay_bf16(tmp_path, alignment, copy_
         "compute": "float32",
         "written": "bfloat16",
     }
+
+
+@pytest.mark.parametrize("case", ["BertForSequenceClassification", "LlamaForCausalLM"])
+def test_the_auction_solver_fuses_permuted_copies_back(tmp_path, monkeypatch, case):
+    """Exact EMD on a GPU goes through the integer auction: forced here for every problem
+    on the CPU, it must fuse a permuted copy back to the original like JV does."""
+    found = []
+
+    def spied(cost, *args, **kwargs):
+        columns = auction(cost, *args, **kwargs)
+        found.append(columns is not None)
+        return columns
+
+    auction = assignment.auction_assign
+    monkeypatch.setattr(assignment, "auction_suits", lambda device, n: True)
+    monkeypatch.setattr(assignment, "auction_assign", spied)
+    make, make_data = CASES[case]
+    original = make(layers=2, seed=3)
+    folders = [save(original, tmp_path / "original")]
+    folders.append(save(permuted_copy(original, seed=10), tmp_path / "copy"))
+    data = make_data(tmp_path / "data.safetensors")
+    fuse(folders, tmp_path / "fused", FusionSpec(device=DEVICE, solver="emd"), data=data)
+    assert found and all(found), "the auction declined a problem"
+    assert_same_function(outputs(load_fused(tmp_path / "fused"), data), outputs(original, data))

@@ -226,3 +226,26 @@ def test_activation_collection_is_its_own_phase_of_the_peak(tmp_path):
     # tiny models fit the resident cache whole: the weights held grow with them, the
     # forward pass (same widths, same batch) does not
     assert peaks[6] - peaks[2] == sizes[6] - sizes[2]
+
+
+def test_exact_ot_on_a_gpu_plans_the_auction_for_large_problems(tmp_path, monkeypatch):
+    """On CUDA, square problems of AUCTION_MIN_N neurons and more are solved by the auction
+    (`assignment.assign`): the plan counts its rounds and its int64 costs there, and
+    nothing changes on CPU."""
+    import fusion_core.plan_costs as plan_costs
+
+    models = [tiny_bert(seed=s, hidden=64, intermediate=256) for s in (0, 1)]
+    folders = [str(save(m, tmp_path / str(i))) for i, m in enumerate(models)]
+    on = {d: FusionSpec(device=d, solver="emd") for d in ("cpu", "cuda")}
+    before = {d: local_plan(folders, spec).estimate for d, spec in on.items()}
+    monkeypatch.setattr(plan_costs, "AUCTION_MIN_N", 256)  # the MLPs, not the 64-wide stream
+    after = {d: local_plan(folders, spec).estimate for d, spec in on.items()}
+    assert after["cpu"].seconds == before["cpu"].seconds
+    assert after["cpu"].host_peak_bytes == before["cpu"].host_peak_bytes
+    costs = CostModel()
+    jv = costs.emd_seconds_per_n3 * 256**3
+    auction = costs.auction_rounds_per_n * 256 * costs.cuda_seconds_per_round
+    problems = (after["cuda"].time["solver"] - before["cuda"].time["solver"]) / (auction - jv)
+    # (the estimate's parts are rounded to ms) the two MLPs, once a pass
+    assert abs(problems - round(problems)) < 0.01 and round(problems) >= 2
+    assert after["cuda"].device_peak_bytes >= before["cuda"].device_peak_bytes

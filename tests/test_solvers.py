@@ -6,6 +6,9 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from fusion_core import assignment
+from fusion_core.assignment import AUCTION_MIN_N, assign, auction_assign, auction_suits
+from fusion_core.cost import pairwise_cost
 from fusion_core.errors import FusionError
 from fusion_core.heads import HeadSet, head_matched_plans, output_plan
 from fusion_core.solvers import emd, sinkhorn, solve
@@ -297,3 +300,71 @@ def test_permutation_distance_is_the_mean_column_share_of_the_largest_entry():
     expected = 1 - out_map(soft).max(0).values.mean()
     assert permutation_distance(soft) == pytest.approx(float(expected), rel=1e-6)
     assert permutation_distance(emd(planted_cost(12, seed=8)[0])) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "kind",
+    ["uniform", "near-uniform", "integers-with-ties", "constant", "rank-one", "euclidean"],
+)
+def test_auction_is_an_optimal_assignment(kind, dtype):
+    """The integer auction (exact EMD on a GPU) reaches scipy's optimum on the same cast
+    values, exactly (no tolerance), for batches of problems of every size."""
+    gen = torch.Generator().manual_seed(sum(map(ord, kind)))
+    for n in [1, 2, 3, 5, 8, 13, 31, 64, 129]:
+        costs = torch.stack([square_costs(kind, n, gen) for _ in range(3)]).to(dtype)
+        costs[1] *= 64  # problems of different spans in one batch
+        columns = auction_assign(costs)
+        assert columns is not None, f"{kind} {n}x{n}: declined"
+        assert columns.shape == (3, n) and columns.dtype == torch.long
+        for cost, found in zip(costs, columns, strict=True):
+            assert sorted(found.tolist()) == list(range(n))
+            values = cost.double().numpy()
+            rows, optimal = linear_sum_assignment(values)
+            best = values[rows, optimal].sum()
+            assert values[np.arange(n), found.numpy()].sum() == best, f"{kind} {n}x{n}"
+
+
+def test_auction_matches_jv_on_random_init_neuron_costs():
+    """The costs that make exact EMD slow: distances between random-init neurons, nearly
+    equal everywhere; and a near-permuted pair, like two trained models that agree."""
+    gen = torch.Generator().manual_seed(5)
+    model, anchor = torch.randn(2, 384, 96, generator=gen) * 0.02
+    order = torch.randperm(384, generator=gen)
+    noise = torch.randn(384, 96, generator=gen) * 0.005
+    costs = torch.stack(
+        [pairwise_cost(model, anchor), pairwise_cost(anchor[order] + noise, anchor)]
+    )
+    found = auction_assign(costs)
+    expected = assign(costs)
+    values = costs.double()
+    for k in range(2):
+        rows = torch.arange(384)
+        assert float(values[k, rows, found[k]].sum()) == float(values[k, rows, expected[k]].sum())
+    assert torch.equal(found[1], expected[1]) and torch.equal(found[1], order)
+
+
+def test_auction_declines_what_it_cannot_solve_exactly_and_assign_falls_back(monkeypatch):
+    """float64 costs, costs spanning too many binary orders for int64, and a spent round
+    budget give None; `assign` then solves the problem with JV."""
+    gen = torch.Generator().manual_seed(2)
+    cost = torch.rand(1, 40, 40, generator=gen)
+    assert auction_assign(cost.double()) is None
+    wide = cost.clone()
+    wide[0, 3, 7] = 1e-20
+    assert auction_assign(wide) is None
+    assert auction_assign(cost, max_rounds=1) is None
+    with pytest.raises(ValueError, match="square"):
+        auction_assign(torch.rand(1, 3, 4))
+    monkeypatch.setattr(assignment, "auction_suits", lambda device, n: True)
+    for problem in (cost.double(), wide):
+        values = problem[0].double().numpy()
+        rows, optimal = linear_sum_assignment(values)
+        got = assign(problem)[0].numpy()
+        assert values[np.arange(40), got].sum() == pytest.approx(values[rows, optimal].sum())
+
+
+def test_assign_tries_the_auction_on_gpus_for_large_problems_only():
+    assert auction_suits(torch.device("cuda", 0), AUCTION_MIN_N)
+    assert not auction_suits(torch.device("cuda", 0), AUCTION_MIN_N - 1)
+    assert not auction_suits(torch.device("cpu"), 10 * AUCTION_MIN_N)
