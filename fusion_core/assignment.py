@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from lap import lapjvr, lapjvr_batch
 
+from .compat import AUCTION_MIN_N
 from .errors import FusionError
 
 
@@ -61,13 +62,6 @@ def assign(cost: torch.Tensor) -> torch.Tensor:
     for k, (rows, cols) in enumerate(zip(rows_list, cols_list, strict=True)):
         columns[k, rows] = cols
     return torch.from_numpy(columns).reshape(*batch, n).to(cost.device)
-
-
-# The smallest problems the auction takes on a GPU: at ~0.2 ms a round (launch-bound, an
-# estimate: no GPU measured it yet) its ~2.4 n rounds break even with JV's 3.7 s at 8192 and
-# take half of JV's time at 14336; smaller problems, such as BERT's batches of 3072, are
-# faster on the host's threads.
-AUCTION_MIN_N = 8192
 
 
 def auction_suits(device: torch.device, n: int) -> bool:

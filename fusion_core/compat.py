@@ -14,6 +14,11 @@ from .families import Attention, Family, Layer, Node, Param, axis_spaces, canoni
 from .families.sizes import config_sizes
 
 STREAM_REFINEMENTS = 2  # weights-based shared stream: re-solve it after the inner plans
+# The smallest exact assignments `assignment.assign` gives the auction on a GPU: at ~0.2 ms
+# a round (launch-bound; an estimate, no GPU has measured it yet) its ~2.4 n rounds break
+# even with JV's 3.7 s at 8192 and take half of JV's time at 14336; smaller problems, such
+# as BERT's batches of 3072, are faster on the host's threads.
+AUCTION_MIN_N = 8192
 
 
 class ModelRoles:

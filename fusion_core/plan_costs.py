@@ -52,8 +52,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .assignment import AUCTION_MIN_N
-from .compat import STREAM_REFINEMENTS
+from .compat import AUCTION_MIN_N, STREAM_REFINEMENTS
 from .headers import DTYPE_BYTES
 
 if TYPE_CHECKING:

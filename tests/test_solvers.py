@@ -325,6 +325,16 @@ def test_auction_is_an_optimal_assignment(kind, dtype):
             assert values[np.arange(n), found.numpy()].sum() == best, f"{kind} {n}x{n}"
 
 
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-3, 1e9, 1e30])
+def test_auction_is_exact_at_any_magnitude(magnitude):
+    """The integer form scales by powers of two in float64, whatever the costs' exponents."""
+    costs = (1 + torch.rand(2, 40, 40, generator=torch.Generator().manual_seed(4))) * magnitude
+    columns = auction_assign(costs)
+    for cost, found in zip(costs.double().numpy(), columns.numpy(), strict=True):
+        rows, optimal = linear_sum_assignment(cost)
+        assert cost[np.arange(40), found].sum() == cost[rows, optimal].sum()
+
+
 def test_auction_matches_jv_on_random_init_neuron_costs():
     """The costs that make exact EMD slow: distances between random-init neurons, nearly
     equal everywhere; and a near-permuted pair, like two trained models that agree."""
