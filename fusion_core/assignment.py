@@ -13,7 +13,7 @@ auction (`auction_assign`) in exact integer arithmetic, optimal for the given co
 auction's eps-complementary slackness theorem. JV's time grows as ~n^2.6 on one host core
 (0.28 s at 3072, 3.7 s at 8192, 14.5 s at Llama-3-8B's 14336, random-init costs), while the
 auction's rounds grow about linearly (1.7-2.4 n) and each is a few dozen kernel launches
-and two host syncs (docs/benchmarks.md, "Exact assignment on a GPU?").
+and one host sync (docs/benchmarks.md, "Exact assignment on a GPU?").
 """
 
 from __future__ import annotations
@@ -77,7 +77,10 @@ _MANTISSA_BITS = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24, torch
 _COST_BITS = 55
 _PRICE_LIMIT = 2**61
 _CHECK_EVERY = 64
-_BID_ENTRIES = 1 << 26  # entries of one bidding chunk (512 MiB of int64)
+# Entries of one bidding chunk: its costs and its prices, 256 MiB each of int64. With the
+# costs themselves (8 n^2 bytes) that stays within the 20 bytes an entry the planner counts
+# for the conversion to integers, from n = 8192 on.
+_BID_ENTRIES = 1 << 25
 
 
 def integer_costs(cost: torch.Tensor) -> torch.Tensor | None:
@@ -132,12 +135,18 @@ def auction_assign(cost: torch.Tensor, max_rounds: int | None = None) -> torch.T
     # (integer costs with many ties: 15 n), and past this budget JV is the faster way out.
     budget = max_rounds if max_rounds is not None else 8 * n + 10_000
     rounds, shift = 0, 2
+    cells = b * n
+    everyone = torch.arange(cells, device=device)
+    nobody = torch.tensor(-1, device=device)
     while True:  # phases: eps = span / 4, / 32, ... down to 1
         eps = torch.clamp(span >> shift, min=1)
-        owner = torch.full((b * n,), -1, dtype=torch.long, device=device)  # column -> row
-        column_of = torch.full_like(owner, -1)  # row -> column
+        # column -> row and row -> column, -1 where none; the extra last cell takes the
+        # writes a round makes for nobody, so no round needs a data-dependent shape (each
+        # boolean mask would be a host sync: a round has exactly one, finding the free rows)
+        owner = torch.full((cells + 1,), -1, dtype=torch.long, device=device)
+        column_of = torch.full_like(owner, -1)
         while True:
-            free = (column_of < 0).nonzero()[:, 0]  # one host sync a round
+            free = (column_of[:cells] < 0).nonzero()[:, 0]
             if free.numel() == 0:
                 break
             rounds += 1
@@ -147,19 +156,20 @@ def auction_assign(cost: torch.Tensor, max_rounds: int | None = None) -> torch.T
                 return None
             target, bids = _bids(flat, prices, free, n, eps)
             best = torch.full_like(prices, -1).scatter_reduce_(0, target, bids, "amax")
-            top = bids == best[target]  # ties: the highest row index wins
-            winner = torch.full_like(owner, -1).scatter_reduce_(0, target[top], free[top], "amax")
-            won = (winner >= 0).nonzero()[:, 0]
-            outbid = owner[won]
-            column_of[outbid[outbid >= 0]] = -1
-            owner[won] = winner[won]
-            column_of[winner[won]] = won
-            prices[won] = best[won]
+            top = torch.where(bids == best[target], free, -1)  # ties: the highest row wins
+            winner = torch.full_like(prices, -1).scatter_reduce_(0, target, top, "amax")
+            won = winner >= 0
+            outbid = torch.where(won & (owner[:cells] >= 0), owner[:cells], cells)
+            column_of.index_put_((outbid,), nobody)
+            owner[:cells] = torch.where(won, winner, owner[:cells])
+            column_of.index_put_((torch.where(won, winner, cells),), everyone)
+            prices = torch.where(won, best, prices)
         if int(prices.max()) > _PRICE_LIMIT:
             return None
         if bool((eps == 1).all()):
             break
         shift += 3
+    column_of = column_of[:cells]
     return column_of.view(b, n) - torch.arange(b, device=device)[:, None] * n
 
 
@@ -180,6 +190,8 @@ def _bids(
         target = problem * n + low.indices[:, 0]
         targets.append(target)
         bids.append(prices[target] + (low.values[:, 1] - low.values[:, 0]) + eps[problem])
+    if len(targets) == 1:
+        return targets[0], bids[0]
     return torch.cat(targets), torch.cat(bids)
 
 

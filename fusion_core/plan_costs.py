@@ -175,7 +175,7 @@ class CostModel:
     cuda_seconds_per_pass: float = 30e-6  # one Sinkhorn pass on small problems: launches
     # exact EMD's auction (problems of AUCTION_MIN_N and more): rounds per neuron (measured
     # 1.7-2.4 on random-init costs, counted on CPU) and the time of a round (a few dozen
-    # launches and two host syncs; an estimate)
+    # launches and one host sync; an estimate)
     auction_rounds_per_n: float = 2.4
     cuda_seconds_per_round: float = 200e-6
     default_tokens: int = 200 * 128  # activation tokens when the data's shape is not known
