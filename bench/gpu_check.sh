@@ -15,4 +15,5 @@ python3 bench/bert_base_timing.py --device cuda --workdir /tmp/bench-bert
 # Exact assignment: JV on the host against the integer auction on the GPU (its round time
 # decides AUCTION_MIN_N, now set from an estimate)
 python3 bench/assignment.py --device cuda --repeats 2  # BERT-base: JV should win
-python3 bench/assignment.py --device cuda --problems 1 --n 8192 --features 4096 --repeats 2 --costs random-init
+python3 bench/assignment.py --device cuda --problems 1 --n 8192 --features 4096 --repeats 2 \
+  --costs random-init --no-scipy
