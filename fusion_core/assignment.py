@@ -40,6 +40,12 @@ def assign(cost: torch.Tensor) -> torch.Tensor:
     low, high = work.aminmax(dim=-1, keepdim=True)  # NaN or inf anywhere shows here
     if not (bool(torch.isfinite(low).all()) and bool(torch.isfinite(high).all())):
         raise FusionError(f"exact OT got a {n}x{m} cost with non-finite entries")
+    # The auction takes the costs as they are: JV's row offsets below would leave differences
+    # of a few ulps, whose fine granule makes the integer form too wide for int64.
+    if auction_suits(work.device, n):
+        columns = auction_assign(work)
+        if columns is not None:
+            return columns.reshape(*batch, n).to(cost.device)
     # Row offsets do not change the optimal assignment, and JV's column reduction stalls
     # when a few rows are cheap for every column (distances between random-init neurons):
     # without them it is ~1.4x faster. Subtracting a row's minimum is exact (Sterbenz) where
@@ -47,10 +53,6 @@ def assign(cost: torch.Tensor) -> torch.Tensor:
     exact = (low > 0) & (high <= 2 * low)
     if bool(exact.any()):
         work = work - torch.where(exact, low, 0)
-    if auction_suits(work.device, n):
-        columns = auction_assign(work)
-        if columns is not None:
-            return columns.reshape(*batch, n).to(cost.device)
     problems = work.to("cpu").contiguous().numpy()
     if len(problems) == 1:
         rows, cols = lapjvr(problems[0], return_cost=False)

@@ -374,6 +374,39 @@ def test_auction_declines_what_it_cannot_solve_exactly_and_assign_falls_back(mon
         assert values[np.arange(40), got].sum() == pytest.approx(values[rows, optimal].sum())
 
 
+def test_assign_gives_the_auction_costs_it_can_represent(monkeypatch):
+    """Random-init neuron costs lie within [min, 2 min] of each row, where JV's row offsets
+    apply; where a row's two cheapest entries are an ulp apart, the offsets leave a
+    difference of one ulp, too fine a granule for int64 beside the largest costs. So the
+    auction must get the costs before the offsets, and solve them."""
+    gen = torch.Generator().manual_seed(6)
+    model, anchor = torch.randn(2, 1024, 128, generator=gen) * 0.02
+    cost = pairwise_cost(model, anchor)
+    cheapest, at = cost.min(1)
+    some = torch.arange(0, 1024, 128)
+    cost[some, (at[some] + 1) % 1024] = torch.nextafter(cheapest[some], torch.tensor(2.0))
+    low, high = cost.aminmax(dim=1)
+    assert bool((high <= 2 * low).all())  # the rows JV would offset
+    assert assignment.integer_costs((cost - low[:, None])[None]) is None
+    solved = []
+    auction = assignment.auction_assign
+
+    def spied(costs, *args, **kwargs):
+        columns = auction(costs, *args, **kwargs)
+        solved.append(columns is not None)
+        return columns
+
+    monkeypatch.setattr(assignment, "auction_suits", lambda device, n: True)
+    monkeypatch.setattr(assignment, "auction_assign", spied)
+    found = assign(cost)
+    assert solved == [True]
+    monkeypatch.setattr(assignment, "auction_suits", lambda device, n: False)
+    expected = assign(cost)
+    rows = torch.arange(1024)
+    values = cost.double()
+    assert float(values[rows, found].sum()) == float(values[rows, expected].sum())
+
+
 def test_assign_tries_the_auction_on_gpus_for_large_problems_only():
     assert auction_suits(torch.device("cuda", 0), AUCTION_MIN_N)
     assert not auction_suits(torch.device("cuda", 0), AUCTION_MIN_N - 1)
