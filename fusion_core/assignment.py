@@ -79,6 +79,7 @@ _MANTISSA_BITS = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24, torch
 _COST_BITS = 55
 _PRICE_LIMIT = 2**61
 _CHECK_EVERY = 64
+_FIRST_SHIFT, _SHIFT_STEP = 2, 3  # eps = span / 2^2, then divided by 2^3 a phase
 # Entries of one bidding chunk: its costs and its prices, 256 MiB each of int64. With the
 # costs themselves (8 n^2 bytes) that stays within the 20 bytes an entry the planner counts
 # for the conversion to integers, from n = 8192 on.
@@ -136,7 +137,7 @@ def auction_assign(cost: torch.Tensor, max_rounds: int | None = None) -> torch.T
     # Typical costs take 1.7-2.4 n rounds (random-init 3072 to 14336); ties make price wars
     # (integer costs with many ties: 15 n), and past this budget JV is the faster way out.
     budget = max_rounds if max_rounds is not None else 8 * n + 10_000
-    rounds, shift = 0, 2
+    rounds, shift = 0, _FIRST_SHIFT
     cells = b * n
     everyone = torch.arange(cells, device=device)
     nobody = torch.tensor(-1, device=device)
@@ -170,7 +171,7 @@ def auction_assign(cost: torch.Tensor, max_rounds: int | None = None) -> torch.T
             return None
         if bool((eps == 1).all()):
             break
-        shift += 3
+        shift += _SHIFT_STEP
     column_of = column_of[:cells]
     return column_of.view(b, n) - torch.arange(b, device=device)[:, None] * n
 
