@@ -342,7 +342,8 @@ class Engine:
             self._layer_in_blocks(node, params, emit)
             return
         anchor_tensors = {p.name: self._load(self.anchor, p.name) for p in params}
-        total = {n: t * self.weight[self.anchor.index] for n, t in anchor_tensors.items()}
+        weight = self.weight[self.anchor.index]
+        total = {n: t * weight for n, t in anchor_tensors.items()} if emit else {}
         # (the anchor's tensors stay as read: they are the features of this layer's costs)
         for model in self.others:
             tensors = {p.name: self._load(model, p.name) for p in params}
@@ -354,6 +355,11 @@ class Engine:
                 current = (node, tensors, anchor_tensors)
                 for space in spaces:
                     self._plan(model, space, current)
+                if not emit:
+                    # A refinement pass only needs the plans: the stream's cost maps the
+                    # tensors it reads itself (`_stream_part`), so the new plans' products
+                    # (at 1B, 550 GFLOP for an MLP's gate and up) would be thrown away.
+                    continue
                 for p in params:
                     tensors[p.name] = self._align(model, p, tensors[p.name], only=spaces)
             for name, tensor in tensors.items():
