@@ -34,7 +34,7 @@ Time = PREPARE_SECONDS + bytes read / READ_BANDWIDTH + bytes written / WRITE_BAN
 and plan products
 (dense soft plans: 2 n_a per element; hard plans: gathers, as memory passes) / the device's
 flop rate + solver time (Sinkhorn: SINKHORN_PASSES passes over each n_m x n_a kernel; EMD: the
-assignment's n^3 worst case on the host, or on a GPU for problems of AUCTION_MIN_N and more
+assignment's ~n^2.6 (JV) on a host core, or on a GPU for problems of AUCTION_MIN_N and more
 the auction's rounds, ~2.4 n, at a launch-bound time each) + forward passes for activations.
 
 The engine's own structure is an `EngineProfile`: the in-memory engine (before issue 9) held
@@ -167,7 +167,11 @@ class CostModel:
     memory_bandwidth: float = 8.5e9  # float32 elementwise passes, bytes/s (measured 8.8e9)
     elementwise_passes: float = 6.0  # convert, scale, add, convert back... per tensor element
     sinkhorn_passes: float = 30.0  # passes over an n x m kernel (measured 19-33)
-    emd_seconds_per_n3: float = 1.5e-11  # LAPJV (lapx): 0.3-0.45 s on random-init 3072^2 costs
+    # exact assignment (JV, lapx) on one host core, ~n^2.6 on random-init neuron costs: 0.28 s
+    # at 3072, 3.7 s at 8192, 14.5 s at 14336 (bench/assignment.py; an n^3 law read 2.2-3x
+    # high at 8192-14336)
+    emd_seconds_at_3072: float = 0.3
+    emd_growth: float = 2.6
     # time, CUDA (data sheet: fp32 without TF32, HBM, PCIe 4; launch-bound solver loops)
     cuda_flops: float = 40e12
     cuda_memory_bandwidth: float = 1.5e12
@@ -179,6 +183,10 @@ class CostModel:
     auction_rounds_per_n: float = 2.4
     cuda_seconds_per_round: float = 200e-6
     default_tokens: int = 200 * 128  # activation tokens when the data's shape is not known
+
+    def emd_seconds(self, n: int) -> float:
+        """One exact assignment of n neurons by JV on a host core."""
+        return self.emd_seconds_at_3072 * (n / 3072) ** self.emd_growth
 
 
 @dataclass
@@ -393,7 +401,7 @@ def estimate(
                 rounds = costs.auction_rounds_per_n * a
                 solver_seconds += rounds * costs.cuda_seconds_per_round
             elif spec.solver == "emd":
-                solver_seconds += costs.emd_seconds_per_n3 * max(a, b) ** 3
+                solver_seconds += costs.emd_seconds(max(a, b))
             elif cuda:
                 solver_seconds += costs.sinkhorn_passes * (
                     costs.cuda_seconds_per_pass + 4 * entries / bandwidth

@@ -243,7 +243,7 @@ def test_exact_ot_on_a_gpu_plans_the_auction_for_large_problems(tmp_path, monkey
     assert after["cpu"].seconds == before["cpu"].seconds
     assert after["cpu"].host_peak_bytes == before["cpu"].host_peak_bytes
     costs = CostModel()
-    jv = costs.emd_seconds_per_n3 * 256**3
+    jv = costs.emd_seconds(256)
     auction = costs.auction_rounds_per_n * 256 * costs.cuda_seconds_per_round
     problems = (after["cuda"].time["solver"] - before["cuda"].time["solver"]) / (auction - jv)
     # (the estimate's parts are rounded to ms) the two MLPs, once a pass
