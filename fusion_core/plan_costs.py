@@ -412,7 +412,9 @@ def estimate(
     if graph.stream and spec.alignment == "weights":
         passes = 1.0 + STREAM_REFINEMENTS  # the walk repeats to refine the stream's plan
         n_stream = graph.width(anchor, next(iter(graph.stream)))
-        cost_flops += len(others) * 2 * n_stream * n_stream * graph.features("stream") * passes
+        # once a pass (the first from the tensors no inner plan acts on, each refinement as
+        # it walks): `flops` below counts the passes
+        cost_flops += len(others) * 2 * n_stream * n_stream * graph.features("stream")
     forward_flops = 0.0
     if spec.needs_activations:
         forward_flops = sum(2 * m.parameter_count * tokens for m in models)
