@@ -1,7 +1,7 @@
 """Exact assignment solvers side by side: JV on the host against the auction on a device.
 
     python bench/assignment.py [--device cpu|cuda] [--problems 12] [--n 3072]
-        [--features 1536] [--repeats 3]
+        [--features 1536] [--repeats 3] [--seed 0] [--eps-schedule 2,3] [--no-scipy]
 
 Exact EMD of square problems is a linear assignment (`fusion_core/assignment.py`). otfuse
 solves it with lapx's Jonker-Volgenant solver on the host's threads, and on a GPU, for
@@ -106,9 +106,8 @@ class Row:
     solver: str
     device: str
     seconds: list[float]
-    per_problem: bool  # timed on the first problem only
-    optimal: bool
-    rounds: int
+    solved: Solved
+    per_problem: bool = False  # timed on the first problem only
 
 
 def timed(solve: Callable[[torch.Tensor], Solved], costs: torch.Tensor, repeats: int, sync):
@@ -130,10 +129,19 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=1536)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--costs", default="random-init,near-permuted")
+    parser.add_argument("--seed", type=int, default=0, help="of the random costs")
+    parser.add_argument(
+        "--eps-schedule",
+        help="FIRST,STEP: the auction's first eps is span / 2^FIRST, divided by 2^STEP a phase"
+        f" (default {assignment._FIRST_SHIFT},{assignment._SHIFT_STEP})",
+    )
     parser.add_argument(
         "--no-scipy", action="store_true", help="skip scipy (25 s on one 8192 problem)"
     )
     args = parser.parse_args()
+    if args.eps_schedule:  # what docs/benchmarks.md compares schedules with
+        first, step = (int(v) for v in args.eps_schedule.split(","))
+        assignment._FIRST_SHIFT, assignment._SHIFT_STEP = first, step
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     makers = {"random-init": random_init_costs, "near-permuted": near_permuted_costs}
@@ -146,38 +154,36 @@ def main() -> None:
         f"{'optimal':>9}{'rounds':>8}"
     )
     for name in args.costs.split(","):
-        costs = makers[name](args.problems, args.n, args.features)
-        rows, reference = [], None
+        costs = makers[name](args.problems, args.n, args.features, args.seed)
+        rows = []
         for label, solve in (
             ("JV (lapx), threads", solve_jv),
             ("JV, 1 thread", solve_jv_one_thread),
         ):
-            seconds, solved = timed(solve, costs, args.repeats, lambda: None)
-            reference = reference or solved
-            rows.append((Row(label, "cpu", seconds, False, True, 0), solved))
+            rows.append(Row(label, "cpu", *timed(solve, costs, args.repeats, lambda: None)))
         if not args.no_scipy:
             seconds, solved = timed(solve_scipy, costs[:1], 1, lambda: None)
-            rows.append((Row("scipy", "cpu", seconds, True, True, 0), solved))
+            rows.append(Row("scipy", "cpu", seconds, solved, per_problem=True))
         on_device = costs.to(device)
         solve_auction(on_device[:1, :64, :64])  # warm-up (kernels, allocator)
-        seconds, solved = timed(solve_auction, on_device, args.repeats, sync)
         rows.append(
-            (Row("integer auction", device.type, seconds, False, True, solved.rounds), solved)
-        )
-        best = assignment_costs(costs, reference.columns)
-        for row, solved in rows:
-            count = len(solved.columns)
-            row.optimal = bool(
-                torch.equal(assignment_costs(costs[:count], solved.columns), best[:count])
+            Row(
+                "integer auction", device.type, *timed(solve_auction, on_device, args.repeats, sync)
             )
+        )
+        best = assignment_costs(costs, rows[0].solved.columns)
+        for row in rows:
+            count = len(row.solved.columns)
+            got = assignment_costs(costs[:count], row.solved.columns)
+            optimal = bool(torch.equal(got, best[:count]))
             median = statistics.median(row.seconds)
             batch_s = median * (args.problems if row.per_problem else 1)
             per = median if row.per_problem else median / args.problems
-            rounds = f"{row.rounds:,}" if row.rounds else "-"
+            rounds = f"{row.solved.rounds:,}" if row.solved.rounds else "-"
             mark = "*" if row.per_problem else " "
             print(
                 f"{name:<14}{row.solver:<26}{row.device:<8}{batch_s:>10.2f}{mark}{per:>11.3f}"
-                f"{'yes' if row.optimal else 'NO':>9}{rounds:>8}"
+                f"{'yes' if optimal else 'NO':>9}{rounds:>8}"
             )
     print("* scipy's batch time is its first problem's times the number of problems")
     print("optimal: the same total cost as JV's on every problem (JV's rows: by construction)")
